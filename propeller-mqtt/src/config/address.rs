@@ -1,0 +1,156 @@
+//! The broker address: `scheme://host[:port]`.
+//!
+//! We parse it ourselves instead of `MqttOptions::parse_url`, which panics when the
+//! OS trust store reports a load error and cannot carry our own TLS settings.
+
+use std::fmt;
+
+/// Plain MQTT over TCP, or MQTT over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `tcp://` or `mqtt://`.
+    Tcp,
+    /// `ssl://`, `tls://` or `mqtts://`.
+    Tls,
+}
+
+/// A parsed broker address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    /// Whether the scheme asks for TLS.
+    pub transport: Transport,
+    /// Host name or IP address, IPv6 without brackets (that is what rustls and
+    /// the resolver expect).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl BrokerAddress {
+    /// Parses an address such as `tcp://nginx:1883`, `ssl://[::1]:8883` or `mqtts://broker`.
+    ///
+    /// # Errors
+    ///
+    /// The problem in words, with the accepted forms; the caller adds the variable name.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return Err(
+                "missing scheme: write tcp://host:1883 for plain MQTT or ssl://host:8883 for TLS"
+                    .to_owned(),
+            );
+        };
+        let (transport, default_port) = match scheme.to_ascii_lowercase().as_str() {
+            "tcp" | "mqtt" => (Transport::Tcp, 1883),
+            "ssl" | "tls" | "mqtts" => (Transport::Tls, 8883),
+            _ => {
+                return Err(format!(
+                    "unknown scheme {scheme:?}: use tcp:// or mqtt:// for plain MQTT, ssl://, tls:// or mqtts:// for TLS"
+                ))
+            }
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#', '@']) {
+            return Err("write only scheme://host:port, without user, path or query".to_owned());
+        }
+        let (host, port) = split_host_port(authority)?;
+        if host.is_empty() {
+            return Err("the host is empty: write scheme://host:port".to_owned());
+        }
+        let port = match port {
+            None => default_port,
+            Some(port) => match port.parse::<u16>() {
+                Ok(port) if port != 0 => port,
+                _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
+            },
+        };
+        Ok(Self {
+            transport,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// Splits `host:port`, `[v6]:port`, `host` or `[v6]`.
+fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), String> {
+    if let Some(bracketed) = authority.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| "unclosed '[' in an IPv6 address: write [::1]:8883".to_owned())?;
+        return match after {
+            "" => Ok((host, None)),
+            _ => match after.strip_prefix(':') {
+                Some(port) => Ok((host, Some(port))),
+                None => Err("write [IPv6 address]:port".to_owned()),
+            },
+        };
+    }
+    match authority.split_once(':') {
+        Some((_, port)) if port.contains(':') => {
+            Err("an IPv6 address needs brackets: write [::1]:8883".to_owned())
+        }
+        Some((host, port)) => Ok((host, Some(port))),
+        None => Ok((authority, None)),
+    }
+}
+
+impl fmt::Display for BrokerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.transport {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "ssl",
+        };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> BrokerAddress {
+        BrokerAddress::parse(text).unwrap()
+    }
+
+    #[test]
+    fn schemes_and_default_ports() {
+        assert_eq!(parse("tcp://nginx").port, 1883);
+        assert_eq!(parse("mqtt://nginx").transport, Transport::Tcp);
+        assert_eq!(parse("ssl://nginx").port, 8883);
+        assert_eq!(parse("TLS://nginx:1").transport, Transport::Tls);
+        assert_eq!(parse("mqtts://nginx:9000/").port, 9000);
+    }
+
+    #[test]
+    fn ipv6_host_is_stored_without_brackets() {
+        let address = parse("ssl://[::1]:8883");
+        assert_eq!(address.host, "::1");
+        assert_eq!(address.to_string(), "ssl://[::1]:8883");
+        assert_eq!(parse("tcp://[fe80::1]").port, 1883);
+    }
+
+    #[test]
+    fn bad_addresses_say_what_to_write() {
+        for (bad, hint) in [
+            ("nginx:1883", "missing scheme"),
+            ("http://nginx", "unknown scheme"),
+            ("tcp://", "host is empty"),
+            ("tcp://:1883", "host is empty"),
+            ("tcp://nginx:0", "1 to 65535"),
+            ("tcp://nginx:70000", "1 to 65535"),
+            ("tcp://nginx:abc", "1 to 65535"),
+            ("tcp://::1:1883", "brackets"),
+            ("tcp://[::1", "unclosed"),
+            ("tcp://user@nginx", "without user"),
+            ("tcp://nginx/path", "without user, path"),
+        ] {
+            let problem = BrokerAddress::parse(bad).unwrap_err();
+            assert!(problem.contains(hint), "{bad:?}: {problem}");
+        }
+    }
+}

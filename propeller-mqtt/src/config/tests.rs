@@ -1,0 +1,236 @@
+use super::*;
+
+fn vars(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = [
+        ("PROPLET_CLIENT_ID", "proplet-1"),
+        ("PROPLET_CLIENT_KEY", "s3cret-key"),
+        ("PROPLET_DOMAIN_ID", "dom"),
+        ("PROPLET_CHANNEL_ID", "chan"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in extra {
+        vars.retain(|(name, _)| name != k);
+        vars.push((k.to_string(), v.to_string()));
+    }
+    vars
+}
+
+fn parse(extra: &[(&str, &str)]) -> Result<Config, Error> {
+    Config::from_vars(Service::Proplet, vars(extra))
+}
+
+fn error(extra: &[(&str, &str)]) -> String {
+    parse(extra).unwrap_err().to_string()
+}
+
+#[test]
+fn defaults_follow_upstream() {
+    let config = parse(&[]).unwrap();
+    assert_eq!(config.broker.to_string(), "tcp://localhost:1883");
+    assert_eq!(config.mode(), Mode::Plain);
+    assert_eq!(config.qos, QoS::ExactlyOnce);
+    assert_eq!(config.connect_timeout, Duration::from_secs(30));
+    assert_eq!(config.keep_alive, Duration::from_secs(30));
+    assert_eq!(config.max_packet_size, 10 << 20);
+    assert_eq!(
+        config.channel.topic("control/manager/start"),
+        "m/dom/c/chan/control/manager/start"
+    );
+}
+
+#[test]
+fn modes_follow_scheme_and_identity() {
+    let tls = parse(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://nginx:8883"),
+        ("PROPLET_MQTT_TLS_CA_CERT", "/ca.crt"),
+    ])
+    .unwrap();
+    assert_eq!(tls.mode(), Mode::Tls);
+    let mtls = parse(&[
+        ("PROPLET_MQTT_ADDRESS", "mqtts://nginx"),
+        ("PROPLET_MQTT_TLS_CLIENT_CERT", "/c.crt"),
+        ("PROPLET_MQTT_TLS_CLIENT_KEY", "/c.key"),
+    ])
+    .unwrap();
+    assert_eq!(mtls.mode(), Mode::MutualTls);
+    assert_eq!(
+        mtls.tls.unwrap().ca,
+        None,
+        "unset CA means the OS trust store"
+    );
+}
+
+#[test]
+fn empty_means_unset() {
+    // What compose passes for commented-out lines of .env.
+    let config = parse(&[
+        ("PROPLET_MQTT_TLS_CA_CERT", ""),
+        ("PROPLET_MQTT_TLS_CLIENT_CERT", ""),
+        ("PROPLET_MQTT_TLS_CLIENT_KEY", "  "),
+        ("PROPLET_MQTT_QOS", ""),
+    ])
+    .unwrap();
+    assert_eq!(config.mode(), Mode::Plain);
+    assert!(error(&[("PROPLET_CLIENT_ID", "")]).starts_with("PROPLET_CLIENT_ID is not set"));
+}
+
+#[test]
+fn other_services_variables_are_ignored() {
+    let config = parse(&[("MANAGER_MQTT_ADDRESS", "bogus"), ("MANAGER_MQTT_QOS", "9")]).unwrap();
+    assert_eq!(config.broker.port, 1883);
+}
+
+#[test]
+fn newer_upstream_names_are_aliases() {
+    let mut env = vars(&[]);
+    env.retain(|(k, _)| k == "PROPLET_CHANNEL_ID");
+    env.extend([
+        ("PROPLET_ENTITY_ID".into(), "e".into()),
+        ("PROPLET_API_KEY".into(), "k".into()),
+        ("PROPLET_TENANT_ID".into(), "t".into()),
+    ]);
+    let config = Config::from_vars(Service::Proplet, env).unwrap();
+    assert_eq!(
+        (config.client_id.as_str(), config.channel.domain_id.as_str()),
+        ("e", "t")
+    );
+    let conflict = error(&[("PROPLET_API_KEY", "other")]);
+    assert!(
+        conflict.contains("PROPLET_CLIENT_KEY") && conflict.contains("PROPLET_API_KEY"),
+        "{conflict}"
+    );
+    assert!(
+        !conflict.contains("s3cret-key") && !conflict.contains("other"),
+        "{conflict}"
+    );
+}
+
+#[test]
+fn each_bad_value_names_its_variable_and_the_fix() {
+    for (var, value, expect) in [
+        ("PROPLET_MQTT_ADDRESS", "foo://x", "unknown scheme"),
+        ("PROPLET_MQTT_QOS", "3", "0, 1 or 2"),
+        ("PROPLET_MQTT_TIMEOUT", "soon", "30s"),
+        ("PROPLET_MQTT_TIMEOUT", "0s", "more than zero"),
+        ("PROPLET_MQTT_KEEP_ALIVE", "500ms", "whole seconds"),
+        ("PROPLET_MQTT_KEEP_ALIVE", "100000", "65535s"),
+        ("PROPLET_MQTT_MAX_PACKET_SIZE", "huge", "number of bytes"),
+        ("PROPLET_MQTT_MAX_PACKET_SIZE", "1GiB", "unknown unit"),
+        ("PROPLET_MQTT_MAX_PACKET_SIZE", "300MiB", "MQTT's limit"),
+        ("PROPLET_DOMAIN_ID", "a/b", "cannot contain"),
+        ("PROPLET_CLIENT_ID", " x", "whitespace"),
+    ] {
+        let message = error(&[(var, value)]);
+        assert!(
+            message.starts_with(&format!("{var}={value:?} is not valid: ")),
+            "{message}"
+        );
+        assert!(message.contains(expect), "{var}={value}: {message}");
+    }
+}
+
+#[test]
+fn missing_identity_says_what_to_set() {
+    for var in [
+        "PROPLET_CLIENT_ID",
+        "PROPLET_CLIENT_KEY",
+        "PROPLET_DOMAIN_ID",
+        "PROPLET_CHANNEL_ID",
+    ] {
+        let mut env = vars(&[]);
+        env.retain(|(k, _)| k != var);
+        let message = Config::from_vars(Service::Proplet, env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with(&format!("{var} is not set: set it to the Magistrala")),
+            "{message}"
+        );
+    }
+}
+
+#[test]
+fn tls_variables_never_fall_back_to_plaintext() {
+    let message = error(&[
+        ("PROPLET_MQTT_ADDRESS", "tcp://nginx:1883"),
+        ("PROPLET_MQTT_TLS_CA_CERT", "/ca.crt"),
+    ]);
+    assert_eq!(
+        message,
+        "PROPLET_MQTT_TLS_CA_CERT is set, but PROPLET_MQTT_ADDRESS=\"tcp://nginx:1883\" is plain MQTT: \
+         use an ssl:// address for TLS, or unset the TLS variables (we never fall back to plaintext)"
+    );
+    let both = error(&[
+        ("PROPLET_MQTT_TLS_CLIENT_CERT", "/c"),
+        ("PROPLET_MQTT_TLS_CLIENT_KEY", "/k"),
+    ]);
+    assert!(
+        both.contains("PROPLET_MQTT_TLS_CLIENT_CERT, PROPLET_MQTT_TLS_CLIENT_KEY are set"),
+        "{both}"
+    );
+}
+
+#[test]
+fn half_a_client_identity_is_refused() {
+    let message = error(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://x"),
+        ("PROPLET_MQTT_TLS_CLIENT_CERT", "/c"),
+    ]);
+    assert!(
+        message.starts_with(
+            "PROPLET_MQTT_TLS_CLIENT_CERT is set but PROPLET_MQTT_TLS_CLIENT_KEY is not"
+        ),
+        "{message}"
+    );
+    let message = error(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://x"),
+        ("PROPLET_MQTT_TLS_CLIENT_KEY", "/k"),
+    ]);
+    assert!(
+        message.starts_with(
+            "PROPLET_MQTT_TLS_CLIENT_KEY is set but PROPLET_MQTT_TLS_CLIENT_CERT is not"
+        ),
+        "{message}"
+    );
+}
+
+#[test]
+fn server_name_and_skip_verify() {
+    let config = parse(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://127.0.0.1"),
+        ("PROPLET_MQTT_TLS_SERVER_NAME", "localhost"),
+        ("PROPLET_MQTT_TLS_INSECURE_SKIP_VERIFY", "true"),
+    ])
+    .unwrap();
+    let tls = config.tls.unwrap();
+    assert_eq!(tls.server_name.as_deref(), Some("localhost"));
+    assert!(tls.insecure_skip_verify);
+    assert!(error(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://x"),
+        ("PROPLET_MQTT_TLS_SERVER_NAME", "not a name")
+    ])
+    .contains("DNS name"));
+    assert!(error(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://x"),
+        ("PROPLET_MQTT_TLS_INSECURE_SKIP_VERIFY", "yes")
+    ])
+    .contains("true or false"));
+}
+
+#[test]
+fn secrets_stay_out_of_debug_output() {
+    let config = parse(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://x"),
+        ("PROPLET_MQTT_TLS_CLIENT_CERT", "/c"),
+        ("PROPLET_MQTT_TLS_CLIENT_KEY", "/k"),
+        ("PROPLET_MQTT_TLS_CLIENT_KEY_PASSWORD", "pw-value"),
+    ])
+    .unwrap();
+    let debug = format!("{config:?}");
+    assert!(
+        !debug.contains("s3cret-key") && !debug.contains("pw-value"),
+        "{debug}"
+    );
+}

@@ -1,0 +1,334 @@
+//! Why a connection attempt failed, in words an operator can act on.
+//!
+//! rumqttc reports TLS alerts, resets and refusals nested inside several layers
+//! of `io::Error`; [`Failure::classify`] digs the real cause out.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+
+use rumqttc::{ConnectReturnCode, ConnectionError, StateError};
+use rustls::{AlertDescription, CertificateError};
+
+use crate::config::{Mode, Service};
+
+/// A classified connection failure. Not fatal: the client retries with backoff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failure {
+    /// The broker's certificate does not chain to our CA.
+    BrokerUntrusted,
+    /// The broker's certificate does not name the host we verify against.
+    BrokerNameMismatch {
+        /// The name we checked.
+        expected: String,
+        /// The names the certificate has (empty when rustls did not say).
+        presented: Vec<String>,
+    },
+    /// The broker's certificate has expired.
+    BrokerCertificateExpired,
+    /// The broker's certificate is unusable for another reason.
+    BrokerCertificateInvalid(String),
+    /// The broker wants a client certificate and we sent none.
+    ClientCertificateRequired,
+    /// The broker refused our client certificate.
+    ClientCertificateRejected(String),
+    /// The broker says our client certificate has expired.
+    ClientCertificateExpired,
+    /// The TLS handshake failed for another reason.
+    Tls(String),
+    /// The server closed the connection before answering CONNECT.
+    ClosedBeforeConnAck,
+    /// The broker refused our username and password.
+    NotAuthorized,
+    /// The broker refused the connection for another reason.
+    Refused(String),
+    /// Nothing answered at the address.
+    Unreachable(String),
+    /// The attempt took longer than the connect timeout.
+    Timeout,
+    /// An established connection was lost.
+    ConnectionLost(String),
+}
+
+impl Failure {
+    /// Classifies a rumqttc error. `connected` says whether a CONNACK had been
+    /// received on this connection; `mode` helps read ambiguous TLS alerts.
+    pub fn classify(error: &ConnectionError, connected: bool, mode: Mode) -> Self {
+        match error {
+            ConnectionError::ConnectionRefused(
+                ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
+            ) => return Failure::NotAuthorized,
+            ConnectionError::ConnectionRefused(code) => {
+                return Failure::Refused(format!("{code:?}"))
+            }
+            ConnectionError::NetworkTimeout => return Failure::Timeout,
+            ConnectionError::FlushTimeout => {
+                return Failure::ConnectionLost("a write to the broker timed out".to_owned())
+            }
+            ConnectionError::MqttState(StateError::AwaitPingResp) => {
+                return Failure::ConnectionLost(
+                    "no answer to the keep-alive ping: the link is dead or half-open".to_owned(),
+                )
+            }
+            ConnectionError::NotConnAck(packet) => {
+                return Failure::Refused(format!("the broker answered CONNECT with {packet:?}"))
+            }
+            _ => {}
+        }
+        if let Some(tls) = find::<rustls::Error>(error) {
+            return Self::from_tls(tls, mode);
+        }
+        let closed = || match connected {
+            false => Failure::ClosedBeforeConnAck,
+            true => Failure::ConnectionLost("the broker closed the connection".to_owned()),
+        };
+        if matches!(
+            error,
+            ConnectionError::MqttState(StateError::ConnectionAborted)
+        ) {
+            return closed();
+        }
+        if let Some(io) = find::<io::Error>(error) {
+            use io::ErrorKind::*;
+            return match io.kind() {
+                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => closed(),
+                ConnectionRefused => Failure::Unreachable(
+                    "connection refused: nothing listens at that address".to_owned(),
+                ),
+                TimedOut => Failure::Timeout,
+                _ if connected => Failure::ConnectionLost(io.to_string()),
+                _ => Failure::Unreachable(io.to_string()),
+            };
+        }
+        match connected {
+            true => Failure::ConnectionLost(error.to_string()),
+            false => Failure::Refused(error.to_string()),
+        }
+    }
+
+    fn from_tls(error: &rustls::Error, mode: Mode) -> Self {
+        match error {
+            rustls::Error::InvalidCertificate(cert) => match cert {
+                CertificateError::UnknownIssuer => Failure::BrokerUntrusted,
+                CertificateError::NotValidForName => Failure::BrokerNameMismatch {
+                    expected: String::new(),
+                    presented: Vec::new(),
+                },
+                CertificateError::NotValidForNameContext {
+                    expected,
+                    presented,
+                } => Failure::BrokerNameMismatch {
+                    expected: expected.to_str().into_owned(),
+                    presented: presented.clone(),
+                },
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Failure::BrokerCertificateExpired
+                }
+                other => Failure::BrokerCertificateInvalid(format!("{other:?}")),
+            },
+            rustls::Error::AlertReceived(alert) => match alert {
+                AlertDescription::CertificateRequired => Failure::ClientCertificateRequired,
+                // TLS 1.2 servers say handshake_failure when a required certificate is missing.
+                AlertDescription::HandshakeFailure if mode != Mode::MutualTls => {
+                    Failure::ClientCertificateRequired
+                }
+                AlertDescription::CertificateExpired if mode == Mode::MutualTls => {
+                    Failure::ClientCertificateExpired
+                }
+                AlertDescription::UnknownCA
+                | AlertDescription::BadCertificate
+                | AlertDescription::UnsupportedCertificate
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::CertificateRevoked
+                | AlertDescription::AccessDenied
+                | AlertDescription::DecryptError
+                | AlertDescription::HandshakeFailure => {
+                    Failure::ClientCertificateRejected(format!("{alert:?}"))
+                }
+                other => Failure::Tls(format!("the broker sent the TLS alert {other:?}")),
+            },
+            other => Failure::Tls(other.to_string()),
+        }
+    }
+
+    /// What the operator can do about it, naming `service`'s variables.
+    pub fn fix(&self, service: Service) -> String {
+        let var = |suffix| service.var(suffix);
+        match self {
+            Failure::BrokerUntrusted => format!(
+                "make {} the CA that signed the broker's certificate; a missing intermediate certificate on the broker gives the same error",
+                var("MQTT_TLS_CA_CERT")
+            ),
+            Failure::BrokerNameMismatch { .. } => format!(
+                "connect to a name the certificate has, or set {} to one of them",
+                var("MQTT_TLS_SERVER_NAME")
+            ),
+            Failure::BrokerCertificateExpired => {
+                "renew the broker's (edge's) certificate, and check this machine's clock".to_owned()
+            }
+            Failure::BrokerCertificateInvalid(_) | Failure::Tls(_) => {
+                "check the broker's TLS setup and its logs".to_owned()
+            }
+            Failure::ClientCertificateRequired => format!(
+                "this broker wants mTLS: set {} and {}",
+                var("MQTT_TLS_CLIENT_CERT"),
+                var("MQTT_TLS_CLIENT_KEY")
+            ),
+            Failure::ClientCertificateRejected(_) => format!(
+                "use a client certificate signed by the CA the broker trusts; {} must not be expired",
+                var("MQTT_TLS_CLIENT_CERT")
+            ),
+            Failure::ClientCertificateExpired => {
+                format!("issue a new client certificate for {}", var("MQTT_TLS_CLIENT_CERT"))
+            }
+            Failure::ClosedBeforeConnAck => format!(
+                "an mTLS edge drops the connection when {} does not end with the client certificate's CN; \
+                 otherwise check the edge's and the broker's logs",
+                var("CLIENT_KEY")
+            ),
+            Failure::NotAuthorized => format!(
+                "check {} and {} against the Magistrala client",
+                var("CLIENT_ID"),
+                var("CLIENT_KEY")
+            ),
+            Failure::Refused(_) => "check the broker's logs".to_owned(),
+            Failure::Unreachable(_) => format!(
+                "check {} (host and port) and that the broker or edge is running",
+                var("MQTT_ADDRESS")
+            ),
+            Failure::Timeout => format!(
+                "check that the port speaks MQTT{}, or raise {} on a slow link",
+                " (TLS ports need an ssl:// address)",
+                var("MQTT_TIMEOUT")
+            ),
+            Failure::ConnectionLost(_) => "reconnecting; check the network and the broker's logs if it repeats".to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Failure::BrokerUntrusted => {
+                f.write_str("the broker's certificate is not trusted (unknown issuer)")
+            }
+            Failure::BrokerNameMismatch {
+                expected,
+                presented,
+            } if presented.is_empty() => {
+                write!(f, "the broker's certificate is not valid for {expected:?}")
+            }
+            Failure::BrokerNameMismatch {
+                expected,
+                presented,
+            } => write!(
+                f,
+                "the broker's certificate is not valid for {expected:?}; it names {}",
+                presented.join(", ")
+            ),
+            Failure::BrokerCertificateExpired => {
+                f.write_str("the broker's certificate has expired")
+            }
+            Failure::BrokerCertificateInvalid(why) => {
+                write!(f, "the broker's certificate is invalid: {why}")
+            }
+            Failure::ClientCertificateRequired => {
+                f.write_str("the broker requires a client certificate and we sent none")
+            }
+            Failure::ClientCertificateRejected(alert) => {
+                write!(f, "the broker rejected our client certificate ({alert})")
+            }
+            Failure::ClientCertificateExpired => {
+                f.write_str("the broker says our client certificate has expired")
+            }
+            Failure::Tls(why) => write!(f, "the TLS handshake failed: {why}"),
+            Failure::ClosedBeforeConnAck => {
+                f.write_str("the connection was closed before the broker answered CONNECT")
+            }
+            Failure::NotAuthorized => {
+                f.write_str("the broker refused our credentials (not authorized)")
+            }
+            Failure::Refused(why) => write!(f, "the broker refused the connection: {why}"),
+            Failure::Unreachable(why) => write!(f, "cannot reach the broker: {why}"),
+            Failure::Timeout => f.write_str("no answer from the broker within the connect timeout"),
+            Failure::ConnectionLost(why) => write!(f, "the connection was lost: {why}"),
+        }
+    }
+}
+
+/// The first error of type `T` in `error`'s cause chain.
+///
+/// `io::Error::source` skips the error it wraps, so we step into `get_ref` instead.
+fn find<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if let Some(found) = error.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = match error.downcast_ref::<io::Error>() {
+            Some(io) => io.get_ref().map(|inner| inner as &(dyn StdError + 'static)),
+            None => error.source(),
+        };
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io_wrapping(inner: rustls::Error) -> ConnectionError {
+        ConnectionError::Io(io::Error::new(io::ErrorKind::InvalidData, inner))
+    }
+
+    #[test]
+    fn tls_errors_nested_in_io_errors_are_found() {
+        let error = ConnectionError::MqttState(StateError::Io(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+        )));
+        assert_eq!(
+            Failure::classify(&error, false, Mode::Tls),
+            Failure::ClientCertificateRequired
+        );
+        let error = io_wrapping(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        ));
+        assert_eq!(
+            Failure::classify(&error, false, Mode::Tls),
+            Failure::BrokerUntrusted
+        );
+    }
+
+    #[test]
+    fn a_closed_stream_depends_on_whether_connack_came() {
+        let error = ConnectionError::MqttState(StateError::ConnectionAborted);
+        assert_eq!(
+            Failure::classify(&error, false, Mode::MutualTls),
+            Failure::ClosedBeforeConnAck
+        );
+        assert!(matches!(
+            Failure::classify(&error, true, Mode::MutualTls),
+            Failure::ConnectionLost(_)
+        ));
+        let reset = ConnectionError::Io(io::ErrorKind::ConnectionReset.into());
+        assert_eq!(
+            Failure::classify(&reset, false, Mode::Plain),
+            Failure::ClosedBeforeConnAck
+        );
+    }
+
+    #[test]
+    fn fixes_name_the_service_variables() {
+        let fix = Failure::BrokerNameMismatch {
+            expected: "x".into(),
+            presented: vec![],
+        }
+        .fix(Service::Proxy);
+        assert!(fix.contains("PROXY_MQTT_TLS_SERVER_NAME"), "{fix}");
+        assert!(Failure::ClosedBeforeConnAck
+            .fix(Service::Manager)
+            .contains("MANAGER_CLIENT_KEY"));
+    }
+}

@@ -1,0 +1,107 @@
+//! What every service binary does around its own logic: read the config,
+//! install logging, connect, run until SIGTERM or Ctrl-C, disconnect.
+
+use std::future::Future;
+use std::process::ExitCode;
+
+use tracing::info;
+
+use crate::{one_line, Client, Config, Error, Message, Service};
+
+/// Exit status for a configuration error (`EX_CONFIG` of sysexits.h).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Runs `service` subscribed to `topics` (suffixes of the channel's topic base),
+/// handing each received message to `handle`, until SIGTERM or Ctrl-C.
+///
+/// Returns success after a clean shutdown, or [`EXIT_CONFIG`] after printing a
+/// configuration error on one line to stderr.
+pub fn run<H, F>(service: Service, topics: &[&str], handle: H) -> ExitCode
+where
+    H: FnMut(&Client, Message) -> F,
+    F: Future<Output = ()>,
+{
+    match start(service, topics, handle) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{service}: configuration error: {}", one_line(&error));
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn start<H, F>(service: Service, topics: &[&str], mut handle: H) -> Result<(), Error>
+where
+    H: FnMut(&Client, Message) -> F,
+    F: Future<Output = ()>,
+{
+    let config = Config::from_env(service)?;
+    init_logging(&config)?;
+    // One thread is plenty for an MQTT client and keeps the idle footprint small.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    runtime.block_on(async {
+        let topics = topics
+            .iter()
+            .map(|suffix| config.channel.topic(suffix))
+            .collect();
+        let (client, mut messages) = Client::start(&config, topics)?;
+        let mut stop = std::pin::pin!(stop_signal());
+        loop {
+            tokio::select! {
+                signal = &mut stop => {
+                    info!(signal, "stopping");
+                    break;
+                }
+                Some(message) = messages.recv() => handle(&client, message).await,
+            }
+        }
+        client.shutdown().await;
+        Ok(())
+    })
+}
+
+/// Installs a plain-text tracing subscriber filtered by `<P>_LOG_LEVEL`.
+///
+/// # Errors
+///
+/// [`Error::LogFilter`] when the filter does not parse.
+pub fn init_logging(config: &Config) -> Result<(), Error> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).map_err(|_| {
+        Error::LogFilter {
+            var: config.service.var("LOG_LEVEL"),
+            value: config.log_level.clone(),
+        }
+    })?;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_target(false)
+        .try_init();
+    Ok(())
+}
+
+/// Resolves with the signal's name on SIGTERM (docker stop) or SIGINT (Ctrl-C).
+async fn stop_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
+    }
+}

@@ -1,0 +1,208 @@
+//! Turns the TLS variables into a rustls `ClientConfig`, reading and checking
+//! every file before the first connection.
+//!
+//! The config is built once and shared (`Arc`) across reconnects so that TLS
+//! session resumption makes reconnects cheap.
+
+mod identity;
+mod pem;
+mod verify;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::client::danger::ServerCertVerifier;
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::{aws_lc_rs, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+
+pub use identity::CertificateFacts;
+pub use pem::KeyForm;
+
+use crate::config::{Config, Service, TlsSettings};
+use crate::{Error, Warning};
+use identity::{ClientIdentity, PresentCertificate};
+use pem::PemFile;
+use verify::{SkipVerify, VerifyAs};
+
+/// A checked TLS setup, ready to connect with.
+#[derive(Debug, Clone)]
+pub struct TlsSetup {
+    /// The rustls configuration handed to rumqttc.
+    pub client_config: Arc<ClientConfig>,
+    /// Where trust comes from.
+    pub trust: Trust,
+    /// Our certificate under mTLS.
+    pub identity: Option<CertificateFacts>,
+    /// What the operator should know.
+    pub warnings: Vec<Warning>,
+}
+
+/// The trust anchors for the broker's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The CA file or directory of `<P>_MQTT_TLS_CA_CERT`, with its number of certificates.
+    Configured(usize),
+    /// The OS trust store, with its number of certificates.
+    System(usize),
+    /// Nothing is verified (`<P>_MQTT_TLS_INSECURE_SKIP_VERIFY=true`).
+    SkipVerify,
+}
+
+/// The one crypto provider we compile: aws-lc-rs.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(aws_lc_rs::default_provider())
+}
+
+impl TlsSetup {
+    /// Reads and checks the TLS files of `config`; `None` for plain MQTT.
+    ///
+    /// # Errors
+    ///
+    /// A missing or unreadable file, PEM without the expected content, an
+    /// encrypted key without (or with a wrong) password, a key that does not
+    /// match its certificate, or no usable trust anchor.
+    pub fn load(config: &Config) -> Result<Option<Self>, Error> {
+        let Some(settings) = &config.tls else {
+            return Ok(None);
+        };
+        let service = config.service;
+        let provider = provider();
+        let mut warnings = Vec::new();
+
+        let (trust, verifier): (Trust, Arc<dyn ServerCertVerifier>) =
+            if settings.insecure_skip_verify {
+                if let Some(ca) = &settings.ca {
+                    // Still read it: a broken path should not go unnoticed until the day
+                    // someone turns verification back on.
+                    ca_certificates(service, ca)?;
+                }
+                warnings.push(Warning::InsecureSkipVerify {
+                    var: service.var("MQTT_TLS_INSECURE_SKIP_VERIFY"),
+                });
+                (Trust::SkipVerify, Arc::new(SkipVerify(provider.clone())))
+            } else {
+                let (trust, roots) = trust_anchors(service, settings, &mut warnings)?;
+                let webpki =
+                    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                        .build()
+                        .map_err(|e| Error::Tls(rustls::Error::General(e.to_string())))?;
+                let verifier: Arc<dyn ServerCertVerifier> = match &settings.server_name {
+                    Some(name) => Arc::new(VerifyAs {
+                        inner: webpki,
+                        // Checked when the config was parsed; this cannot fail.
+                        name: ServerName::try_from(name.clone())
+                            .map_err(|e| Error::Tls(rustls::Error::General(e.to_string())))?,
+                    }),
+                    None => webpki,
+                };
+                (trust, verifier)
+            };
+
+        let identity = settings
+            .identity
+            .as_ref()
+            .map(|files| {
+                let identity = ClientIdentity::load(service, files, &provider)?;
+                warnings.extend(identity.warnings(service, &config.client_key, files));
+                Ok::<_, Error>(identity)
+            })
+            .transpose()?;
+
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(Error::Tls)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let client_config = match &identity {
+            Some(identity) => builder.with_client_cert_resolver(Arc::new(PresentCertificate(
+                identity.certified.clone(),
+            ))),
+            None => builder.with_no_client_auth(),
+        };
+        Ok(Some(Self {
+            client_config: Arc::new(client_config),
+            trust,
+            identity: identity.map(|i| i.facts),
+            warnings,
+        }))
+    }
+}
+
+fn trust_anchors(
+    service: Service,
+    settings: &TlsSettings,
+    warnings: &mut Vec<Warning>,
+) -> Result<(Trust, RootCertStore), Error> {
+    let mut roots = RootCertStore::empty();
+    match &settings.ca {
+        Some(ca) => {
+            let certs = ca_certificates(service, ca)?;
+            let total = certs.len();
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(Error::Material {
+                    var: service.var("MQTT_TLS_CA_CERT"),
+                    path: ca.clone(),
+                    problem: format!(
+                        "none of its {total} certificates can be used as a CA: point it at the CA certificate (ca.crt)"
+                    ),
+                });
+            }
+            Ok((Trust::Configured(added), roots))
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if let Some(first) = found.errors.first() {
+                warnings.push(Warning::SystemTrustStore {
+                    count: found.errors.len(),
+                    first: first.to_string(),
+                    loaded: added,
+                });
+            }
+            if added == 0 {
+                return Err(Error::NoTrustAnchors {
+                    ca_var: service.var("MQTT_TLS_CA_CERT"),
+                });
+            }
+            Ok((Trust::System(added), roots))
+        }
+    }
+}
+
+/// The certificates of a CA bundle file, or of every PEM file in a directory.
+fn ca_certificates(service: Service, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let var = service.var("MQTT_TLS_CA_CERT");
+    if !path.is_dir() {
+        return PemFile::read(var, path)?.certificates();
+    }
+    let entries = std::fs::read_dir(path).map_err(|source| Error::Read {
+        var: var.clone(),
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut files: Vec<_> = entries
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    // A CA directory (like /etc/ssl/certs) also holds other files: skip what is
+    // not a certificate, and fail only when nothing is.
+    let certs: Vec<_> = files
+        .iter()
+        .filter_map(|p| PemFile::read(var.clone(), p).ok()?.certificates().ok())
+        .flatten()
+        .collect();
+    if certs.is_empty() {
+        return Err(Error::Material {
+            var,
+            path: path.to_owned(),
+            problem:
+                "is a directory with no PEM certificate file in it: point it at the CA certificate"
+                    .to_owned(),
+        });
+    }
+    Ok(certs)
+}

@@ -1,0 +1,21 @@
+//! Propeller's proplet: runs WebAssembly tasks the manager sends it.
+//!
+//! Configured by `PROPLET_*` variables; see the README. Today it connects and
+//! listens for tasks and module chunks; running them lands separately.
+
+use std::process::ExitCode;
+
+use propeller_mqtt::{service, Service};
+use tracing::debug;
+
+const TOPICS: [&str; 3] = [
+    "control/manager/start",
+    "control/manager/stop",
+    "registry/server",
+];
+
+fn main() -> ExitCode {
+    service::run(Service::Proplet, &TOPICS, |_client, message| async move {
+        debug!(topic = %message.topic, "proplet received");
+    })
+}

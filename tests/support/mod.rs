@@ -1,0 +1,114 @@
+//! Test support: a per-run PKI, real mosquitto and nginx servers, service
+//! processes, and the env each mode needs.
+//!
+//! The end-to-end tests need `openssl`, `mosquitto`, `mosquitto_passwd`,
+//! `nginx` and nginx's stream and njs modules. On Debian:
+//!
+//! ```sh
+//! apt-get install -y openssl mosquitto nginx libnginx-mod-stream libnginx-mod-stream-js
+//! ```
+//!
+//! Without them the tests print that they were skipped and how to install;
+//! under CI (`CI` set) a missing tool is a failure.
+
+pub mod pki;
+pub mod process;
+pub mod servers;
+
+use std::path::Path;
+
+pub use pki::{Identity, Pki, KEY_PASSWORD};
+pub use process::ServiceProcess;
+pub use servers::{accounts, free_ports, Account, Edge, Mosquitto};
+
+pub const INSTALL: &str =
+    "apt-get install -y openssl mosquitto nginx libnginx-mod-stream libnginx-mod-stream-js";
+pub const DOMAIN: &str = "dom";
+pub const CHANNEL: &str = "chan";
+
+/// True when every server the end-to-end tests need is installed. Otherwise
+/// prints why the test is skipped, or panics under CI.
+pub fn servers_available(test: &str) -> bool {
+    let missing: Vec<&str> = ["openssl", "mosquitto", "mosquitto_passwd", "nginx"]
+        .into_iter()
+        .filter(|tool| !on_path(tool))
+        .chain(
+            ["ngx_stream_module.so", "ngx_stream_js_module.so"]
+                .into_iter()
+                .filter(|module| {
+                    !Path::new("/usr/lib/nginx/modules").join(module).exists()
+                        && std::env::var_os("NGINX_MODULES").is_none()
+                }),
+        )
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let message = format!(
+        "{test}: SKIPPED, missing {}; install with: {INSTALL}",
+        missing.join(", ")
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{message} (CI requires them)");
+    }
+    eprintln!("{message}");
+    false
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+}
+
+/// The MQTT client id (= username) of an identity.
+pub fn client_id(name: &str) -> String {
+    format!("{name}-client")
+}
+
+/// The env of a service `prefix` (e.g. `PROPLET`) authenticating as `identity`.
+pub struct Env {
+    prefix: String,
+    pub vars: Vec<(String, String)>,
+}
+
+impl Env {
+    pub fn new(prefix: &str, identity: &Identity) -> Env {
+        let mut env = Env {
+            prefix: prefix.to_owned(),
+            vars: Vec::new(),
+        };
+        env.set("CLIENT_ID", &client_id(identity.name))
+            .set("CLIENT_KEY", &identity.secret)
+            .set("DOMAIN_ID", DOMAIN)
+            .set("CHANNEL_ID", CHANNEL)
+            .set("MQTT_TIMEOUT", "5s");
+        env
+    }
+
+    /// Sets `<PREFIX>_<suffix>`, replacing an earlier value.
+    pub fn set(&mut self, suffix: &str, value: &str) -> &mut Env {
+        let name = format!("{}_{suffix}", self.prefix);
+        self.vars.retain(|(k, _)| *k != name);
+        self.vars.push((name, value.to_owned()));
+        self
+    }
+
+    pub fn path(&mut self, suffix: &str, path: &Path) -> &mut Env {
+        self.set(suffix, &path.display().to_string())
+    }
+
+    pub fn plain(&mut self, port: u16) -> &mut Env {
+        self.set("MQTT_ADDRESS", &format!("tcp://127.0.0.1:{port}"))
+    }
+
+    pub fn tls(&mut self, port: u16, pki: &Pki) -> &mut Env {
+        self.set("MQTT_ADDRESS", &format!("ssl://127.0.0.1:{port}"))
+            .path("MQTT_TLS_CA_CERT", &pki.path("ca.crt"))
+    }
+
+    pub fn mtls(&mut self, port: u16, pki: &Pki, identity: &Identity) -> &mut Env {
+        self.tls(port, pki)
+            .path("MQTT_TLS_CLIENT_CERT", &identity.cert)
+            .path("MQTT_TLS_CLIENT_KEY", &identity.key)
+    }
+}

@@ -1,0 +1,137 @@
+//! A service binary run as a child process, its output captured line by line.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// Builds the service binaries once per test process, and returns the path of one.
+///
+/// `cargo test` builds the test harness of a binary, not the binary itself, so
+/// we ask cargo for it (a no-op when it is up to date).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe
+        .ancestors()
+        .nth(2)
+        .expect("profile directory")
+        .to_owned();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut build = Command::new(cargo);
+        build.args([
+            "build", "-q", "-p", "manager", "-p", "proplet", "-p", "proxy",
+        ]);
+        if profile_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(
+            status.success(),
+            "cargo build of the service binaries failed"
+        );
+    });
+    profile_dir.join(name)
+}
+
+/// A running service. Killed when dropped.
+pub struct ServiceProcess {
+    child: Child,
+    output: Arc<(Mutex<String>, Condvar)>,
+}
+
+impl ServiceProcess {
+    /// Starts `binary` with exactly `env` (plus PATH), output captured.
+    pub fn start(binary: &str, env: &[(String, String)]) -> ServiceProcess {
+        let mut child = Command::new(self::binary(binary))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {binary}: {e}"));
+        let output = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let output = output.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let (text, changed) = &*output;
+                    let mut text = text.lock().unwrap();
+                    text.push_str(&line);
+                    text.push('\n');
+                    changed.notify_all();
+                }
+            });
+        }
+        ServiceProcess { child, output }
+    }
+
+    /// Everything it printed so far.
+    pub fn output(&self) -> String {
+        self.output.0.lock().unwrap().clone()
+    }
+
+    /// Waits until a line contains `needle`; returns that line, or panics with
+    /// the output after `timeout`.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (text, changed) = &*self.output;
+        let mut guard = text.lock().unwrap();
+        loop {
+            if let Some(line) = guard.lines().find(|line| line.contains(needle)) {
+                return line.to_owned();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no line with {needle:?} within {timeout:?}; output:\n{guard}"
+            );
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
+    /// Sends SIGTERM and waits (at most `timeout`) for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait(timeout)
+    }
+
+    /// Waits (at most `timeout`) for the process to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the service") {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "still running after {timeout:?}; output:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        // `cargo test -- --nocapture` with PROPELLER_TEST_OUTPUT=1 shows every service's log.
+        if std::env::var_os("PROPELLER_TEST_OUTPUT").is_some() {
+            eprintln!("--- service output ---\n{}", self.output());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,219 @@
+//! Real servers on loopback: mosquitto with three listeners, and an nginx
+//! stream edge doing what Magistrala's does under `AUTH=x509`. Each is a guard
+//! that stops its process when dropped.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::pki::{Identity, Pki};
+
+/// Names of the clients the broker knows, with their passwords and ACLs.
+pub struct Account {
+    pub username: String,
+    pub password: String,
+    /// Topic pattern this user may read and write.
+    pub topics: String,
+}
+
+/// mosquitto with a plain, a TLS and an mTLS listener, all requiring a password.
+pub struct Mosquitto {
+    pub plain: u16,
+    pub tls: u16,
+    pub mtls: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub fn start(pki: &Pki, accounts: &[Account]) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let passwd = dir.path().join("passwd");
+        std::fs::write(&passwd, "").unwrap();
+        let mut acl = String::new();
+        for account in accounts {
+            let status = Command::new("mosquitto_passwd")
+                .args(["-b"])
+                .arg(&passwd)
+                .args([&account.username, &account.password])
+                .status()
+                .expect("run mosquitto_passwd");
+            assert!(status.success(), "mosquitto_passwd failed");
+            acl.push_str(&format!(
+                "user {}\ntopic readwrite {}\n\n",
+                account.username, account.topics
+            ));
+        }
+        std::fs::write(dir.path().join("acl"), acl).unwrap();
+        let [plain, tls, mtls] = free_ports();
+        let auth = format!(
+            "allow_anonymous false\npassword_file {}\nacl_file {}\n",
+            passwd.display(),
+            dir.path().join("acl").display()
+        );
+        let certs = format!(
+            "cafile {}\ncertfile {}\nkeyfile {}\n",
+            pki.path("ca.crt").display(),
+            pki.path("server.crt").display(),
+            pki.path("server.key").display()
+        );
+        let config = format!(
+            "per_listener_settings true\npersistence false\nuser root\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
+             listener {plain} 127.0.0.1\n{auth}\n\
+             listener {tls} 127.0.0.1\n{certs}{auth}\n\
+             listener {mtls} 127.0.0.1\n{certs}require_certificate true\n{auth}\n"
+        );
+        let config_path = dir.path().join("mosquitto.conf");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("mosquitto.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("start mosquitto");
+        let mut broker = Mosquitto {
+            plain,
+            tls,
+            mtls,
+            child,
+            dir,
+        };
+        broker.wait_listening(&[plain, tls, mtls]);
+        broker
+    }
+
+    fn wait_listening(&mut self, ports: &[u16]) {
+        let log = self.dir.path().join("mosquitto.log");
+        wait_ports(&mut self.child, ports, &log, "mosquitto");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An nginx stream edge in front of mosquitto's plain listener: TLS with
+/// `ssl_verify_client on` and the njs CN check of `tests/edge/mqtt_auth.js`.
+pub struct Edge {
+    pub port: u16,
+    child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Edge {
+    /// Starts nginx with `tests/edge/nginx.conf`, trusting `client_ca` for
+    /// client certificates and presenting `server_cert`.
+    pub fn start(pki: &Pki, upstream: u16, server_cert: &str, client_ca: &str) -> Edge {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let [port] = free_ports();
+        let edge = Path::new(env!("CARGO_MANIFEST_DIR")).join("edge");
+        let template =
+            std::fs::read_to_string(edge.join("nginx.conf")).expect("read tests/edge/nginx.conf");
+        let config = template
+            .replace("@MODULES@", &modules_dir().display().to_string())
+            .replace("@DIR@", &dir.path().display().to_string())
+            .replace("@JS@", &edge.join("mqtt_auth.js").display().to_string())
+            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
+            .replace("@UPSTREAM@", &format!("127.0.0.1:{upstream}"))
+            .replace(
+                "@SERVER_CERT@",
+                &pki.path(&format!("{server_cert}.crt"))
+                    .display()
+                    .to_string(),
+            )
+            .replace(
+                "@SERVER_KEY@",
+                &pki.path(&format!("{server_cert}.key"))
+                    .display()
+                    .to_string(),
+            )
+            .replace("@CLIENT_CA@", &pki.path(client_ca).display().to_string());
+        let config_path = dir.path().join("nginx.conf");
+        std::fs::write(&config_path, config).unwrap();
+        let error_log = dir.path().join("error.log");
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(&error_log)
+            .arg("-c")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("stderr.log")).unwrap(),
+            ))
+            .spawn()
+            .expect("start nginx");
+        let mut edge = Edge { port, child, dir };
+        wait_ports(&mut edge.child, &[port], &error_log, "nginx");
+        edge
+    }
+
+    /// nginx's error log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Debian puts dynamic modules here; `NGINX_MODULES` overrides.
+fn modules_dir() -> PathBuf {
+    std::env::var_os("NGINX_MODULES")
+        .map_or_else(|| PathBuf::from("/usr/lib/nginx/modules"), PathBuf::from)
+}
+
+/// Ports the kernel says are free right now. Held together, then released, so
+/// that one call never returns the same port twice.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// Waits (at most 10 s) until every port accepts, or fails with the server's log.
+fn wait_ports(child: &mut Child, ports: &[u16], log: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for &port in ports {
+        let address = SocketAddr::from(([127, 0, 0, 1], port));
+        loop {
+            if TcpStream::connect_timeout(&address, Duration::from_millis(200)).is_ok() {
+                break;
+            }
+            let exited = child.try_wait().ok().flatten();
+            if exited.is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "{what} did not listen on {port} ({exited:?}); its log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The broker accounts for a set of identities: username = client id, password = secret.
+pub fn accounts(identities: &[&Identity], topics: &str) -> Vec<Account> {
+    identities
+        .iter()
+        .map(|id| Account {
+            username: crate::client_id(id.name),
+            password: id.secret.clone(),
+            topics: topics.to_owned(),
+        })
+        .collect()
+}
