@@ -107,6 +107,11 @@ impl Failure {
         }
     }
 
+    /// The TLS failure inside an I/O error, if there is one.
+    pub(crate) fn from_io(error: &io::Error, mode: Mode) -> Option<Self> {
+        find::<rustls::Error>(error).map(|tls| Self::from_tls(tls, mode))
+    }
+
     fn from_tls(error: &rustls::Error, mode: Mode) -> Self {
         match error {
             rustls::Error::InvalidCertificate(cert) => match cert {
@@ -260,15 +265,20 @@ impl fmt::Display for Failure {
 /// The first error of type `T` in `error`'s cause chain.
 ///
 /// `io::Error::source` skips the error it wraps, so we step into `get_ref` instead.
+/// rumqttc's codec error hides its io::Error entirely; we step into that too.
 fn find<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a T> {
     let mut current = Some(error);
     while let Some(error) = current {
         if let Some(found) = error.downcast_ref::<T>() {
             return Some(found);
         }
-        current = match error.downcast_ref::<io::Error>() {
-            Some(io) => io.get_ref().map(|inner| inner as &(dyn StdError + 'static)),
-            None => error.source(),
+        current = if let Some(io) = error.downcast_ref::<io::Error>() {
+            io.get_ref().map(|inner| inner as &(dyn StdError + 'static))
+        } else if let Some(rumqttc::mqttbytes::Error::Io(io)) = error.downcast_ref() {
+            // rumqttc's codec error does not expose its io::Error as a source.
+            Some(io as &(dyn StdError + 'static))
+        } else {
+            error.source()
         };
     }
     None

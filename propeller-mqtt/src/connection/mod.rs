@@ -3,6 +3,7 @@
 
 mod backoff;
 mod failure;
+mod probe;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -118,6 +119,7 @@ impl Client {
             insecure: tls
                 .as_ref()
                 .is_some_and(|t| t.trust == crate::tls::Trust::SkipVerify),
+            tls: tls.clone(),
         };
         let client = Client {
             mqtt,
@@ -247,6 +249,8 @@ struct Driver {
     stop: watch::Receiver<bool>,
     backoff: Backoff,
     insecure: bool,
+    /// The TLS setup, to diagnose connections closed before CONNACK.
+    tls: Option<TlsSetup>,
 }
 
 impl Driver {
@@ -298,7 +302,14 @@ impl Driver {
                 Err(ConnectionError::RequestsDone) => break,
                 Err(_) if *self.stop.borrow() => break,
                 Err(error) => {
-                    let failure = Failure::classify(&error, connected, self.config.mode());
+                    let mut failure = Failure::classify(&error, connected, self.config.mode());
+                    if let (Failure::ClosedBeforeConnAck, Some(tls)) = (&failure, &self.tls) {
+                        if let Some(refusal) =
+                            probe::tls_refusal(&self.config.broker, tls, self.config.mode()).await
+                        {
+                            failure = refusal;
+                        }
+                    }
                     connected = false;
                     attempts += 1;
                     let delay = self.backoff.next_delay();

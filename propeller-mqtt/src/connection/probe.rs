@@ -1,0 +1,72 @@
+//! A second look at a TLS connection that closed before CONNACK.
+//!
+//! Two things hide why a TLS server refused us:
+//! - under TLS 1.3 a server checks our certificate only after our side of the
+//!   handshake is done, so rumqttc has already written CONNECT; the server
+//!   closes with it unread, the kernel sends a reset, and the alert is lost;
+//! - nginx's stream module sends no alert at all: it completes the handshake,
+//!   checks `ssl_verify_client` itself, and closes.
+//!
+//! The probe handshakes again, sends nothing, and listens. An alert now arrives
+//! intact; a close without one, before we said anything, is a refusal of our
+//! certificate; silence means TLS is fine and the server waits for CONNECT.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::pki_types::ServerName;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::failure::Failure;
+use crate::config::{BrokerAddress, Mode};
+use crate::tls::TlsSetup;
+
+/// How long we wait for a verdict once the handshake is done. A server that
+/// accepts our certificate says nothing until CONNECT, so this is also the
+/// probe's cost when TLS is fine.
+const VERDICT_WAIT: Duration = Duration::from_secs(2);
+
+/// The TLS-level reason the server refuses us, or `None` when TLS is fine (or
+/// the probe cannot tell).
+pub(crate) async fn tls_refusal(
+    broker: &BrokerAddress,
+    tls: &TlsSetup,
+    mode: Mode,
+) -> Option<Failure> {
+    let name = ServerName::try_from(broker.host.clone()).ok()?;
+    let connect = TcpStream::connect((broker.host.as_str(), broker.port));
+    let tcp = tokio::time::timeout(VERDICT_WAIT, connect)
+        .await
+        .ok()?
+        .ok()?;
+    let connector = TlsConnector::from(tls.client_config.clone());
+    let mut stream = match tokio::time::timeout(VERDICT_WAIT, connector.connect(name, tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Failure::from_io(&error, mode),
+        Err(_) => return None,
+    };
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(VERDICT_WAIT, stream.read(&mut byte)).await {
+        Ok(Err(error)) => Failure::from_io(&error, mode),
+        Ok(Ok(0)) => Some(match (mode, &tls.identity) {
+            (Mode::MutualTls, Some(ours)) if ours.not_after < now() => {
+                Failure::ClientCertificateExpired
+            }
+            (Mode::MutualTls, _) => Failure::ClientCertificateRejected(
+                "closed right after the TLS handshake, as nginx does for a client certificate \
+                 that is not signed by its ssl_client_certificate CA or has expired"
+                    .to_owned(),
+            ),
+            _ => Failure::ClientCertificateRequired,
+        }),
+        // Silence (the server waits for CONNECT) or data: no TLS verdict.
+        _ => None,
+    }
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
