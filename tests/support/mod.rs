@@ -29,18 +29,24 @@ pub const CHANNEL: &str = "chan";
 /// True when every server the end-to-end tests need is installed. Otherwise
 /// prints why the test is skipped, or panics under CI.
 pub fn servers_available(test: &str) -> bool {
-    let missing: Vec<&str> = ["openssl", "mosquitto", "mosquitto_passwd", "nginx"]
-        .into_iter()
-        .filter(|tool| !on_path(tool))
-        .chain(
-            ["ngx_stream_module.so", "ngx_stream_js_module.so"]
-                .into_iter()
-                .filter(|module| {
-                    !Path::new("/usr/lib/nginx/modules").join(module).exists()
-                        && std::env::var_os("NGINX_MODULES").is_none()
-                }),
-        )
-        .collect();
+    let missing: Vec<&str> = [
+        "openssl",
+        "mosquitto",
+        "mosquitto_passwd",
+        "mosquitto_ctrl",
+        "nginx",
+    ]
+    .into_iter()
+    .filter(|tool| !on_path(tool))
+    .chain(
+        ["ngx_stream_module.so", "ngx_stream_js_module.so"]
+            .into_iter()
+            .filter(|module| {
+                !Path::new("/usr/lib/nginx/modules").join(module).exists()
+                    && std::env::var_os("NGINX_MODULES").is_none()
+            }),
+    )
+    .collect();
     if missing.is_empty() {
         return true;
     }
@@ -60,6 +66,37 @@ fn on_path(tool: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }
 
+/// Connects with `env` through the library, publishes one message at QoS 1,
+/// and disconnects.
+pub async fn publish_once(env: &Env, topic: &str, payload: &str) {
+    use propeller_mqtt::{Client, Config, ConnectionState, Service};
+    let mut env = Env {
+        prefix: env.prefix.clone(),
+        vars: env.vars.clone(),
+    };
+    env.set("MQTT_QOS", "1");
+    let service = match env.prefix.as_str() {
+        "MANAGER" => Service::Manager,
+        "PROXY" => Service::Proxy,
+        _ => Service::Proplet,
+    };
+    let config = Config::from_vars(service, env.vars).expect("publisher config");
+    let (client, _) = Client::start(&config, vec![]).expect("publisher starts");
+    let mut state = client.state();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        state.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .expect("publisher connects within 10 s")
+    .expect("publisher alive");
+    client
+        .publish(topic, payload.to_owned())
+        .await
+        .expect("publish");
+    client.shutdown().await;
+}
+
 /// The MQTT client id (= username) of an identity.
 pub fn client_id(name: &str) -> String {
     format!("{name}-client")
@@ -67,7 +104,7 @@ pub fn client_id(name: &str) -> String {
 
 /// The env of a service `prefix` (e.g. `PROPLET`) authenticating as `identity`.
 pub struct Env {
-    prefix: String,
+    pub prefix: String,
     pub vars: Vec<(String, String)>,
 }
 

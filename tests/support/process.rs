@@ -98,6 +98,21 @@ impl ServiceProcess {
         }
     }
 
+    /// Waits until `count` lines contain `needle`, or panics with the output.
+    pub fn wait_for_count(&self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let (text, changed) = &*self.output;
+        let mut guard = text.lock().unwrap();
+        while guard.lines().filter(|line| line.contains(needle)).count() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "fewer than {count} lines with {needle:?} within {timeout:?}; output:\n{guard}"
+            );
+            guard = changed.wait_timeout(guard, left).unwrap().0;
+        }
+    }
+
     /// Sends SIGTERM and waits (at most `timeout`) for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let _ = Command::new("kill")

@@ -26,6 +26,21 @@ pub struct Mosquitto {
     pub dir: tempfile::TempDir,
 }
 
+fn spawn_mosquitto(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("mosquitto.log"))
+        .unwrap();
+    Command::new("mosquitto")
+        .arg("-c")
+        .arg(dir.join("mosquitto.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start mosquitto")
+}
+
 impl Mosquitto {
     pub fn start(pki: &Pki, accounts: &[Account]) -> Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -84,6 +99,58 @@ impl Mosquitto {
         };
         broker.wait_listening(&[plain, tls, mtls]);
         broker
+    }
+
+    /// mosquitto with one plain listener and the dynamic-security plugin, knowing
+    /// one client that has no role: every subscription it makes is refused
+    /// (SUBACK 0x80), the way a Magistrala ACL refuses a foreign channel.
+    /// mosquitto's `acl_file` cannot do this: it grants every SUBSCRIBE.
+    pub fn start_refusing_subscriptions(username: &str, password: &str) -> Mosquitto {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let dynsec = dir.path().join("dynsec.json");
+        let status = Command::new("mosquitto_ctrl")
+            .args(["dynsec", "init"])
+            .arg(&dynsec)
+            .args([username, password])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run mosquitto_ctrl");
+        assert!(status.success(), "mosquitto_ctrl dynsec init failed");
+        // `init` makes the client an admin; take its roles away.
+        let json = std::fs::read_to_string(&dynsec).unwrap();
+        let start = json.find("\"roles\"").expect("roles in dynsec.json");
+        let end = start + json[start..].find(']').expect("end of roles") + 1;
+        std::fs::write(
+            &dynsec,
+            format!("{}\"roles\": []{}", &json[..start], &json[end..]),
+        )
+        .unwrap();
+        let [plain] = free_ports();
+        let config = format!(
+            "user root\nlog_dest stderr\nlistener {plain} 127.0.0.1\nallow_anonymous false\n\
+             plugin {}\nplugin_opt_config_file {}\n",
+            dynsec_plugin().display(),
+            dynsec.display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), config).unwrap();
+        let child = spawn_mosquitto(dir.path());
+        let mut broker = Mosquitto {
+            plain,
+            tls: 0,
+            mtls: 0,
+            child,
+            dir,
+        };
+        broker.wait_listening(&[plain]);
+        broker
+    }
+
+    /// Kills the broker with SIGKILL and starts it again on the same ports.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn_mosquitto(self.dir.path());
+        self.wait_listening(&[self.plain, self.tls, self.mtls]);
     }
 
     fn wait_listening(&mut self, ports: &[u16]) {
@@ -167,6 +234,12 @@ impl Drop for Edge {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Where Debian's mosquitto package puts the dynamic-security plugin.
+fn dynsec_plugin() -> PathBuf {
+    let multiarch = format!("/usr/lib/{}-linux-gnu", std::env::consts::ARCH);
+    Path::new(&multiarch).join("mosquitto_dynamic_security.so")
 }
 
 /// Debian puts dynamic modules here; `NGINX_MODULES` overrides.

@@ -372,10 +372,11 @@ impl Driver {
         let sent = topics.sent.remove(&pkid).unwrap_or_default();
         for (index, code) in codes.iter().enumerate() {
             let topic = sent.get(index).map_or("?", String::as_str);
+            // Display (%), not Debug: a topic in quotes is harder to grep.
             match code {
-                SubscribeReasonCode::Success(qos) => debug!(topic, ?qos, "subscribed"),
+                SubscribeReasonCode::Success(qos) => debug!(topic = %topic, ?qos, "subscribed"),
                 SubscribeReasonCode::Failure => error!(
-                    topic,
+                    topic = %topic,
                     client_id = %self.config.client_id,
                     "the broker refused the subscription: the client is likely not allowed on this topic \
                      (broker ACL, or the client is not connected to the channel)"
