@@ -36,7 +36,9 @@ impl Backoff {
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         let unit = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
-        base.mul_f64(0.8 + 0.4 * unit).clamp(self.min, self.max)
+        let delay = base.mul_f64(0.8 + 0.4 * unit).clamp(self.min, self.max);
+        // Whole milliseconds: logs read `retry_in=1.636s`, not nanoseconds.
+        Duration::from_millis(delay.as_millis() as u64)
     }
 
     /// Back to the shortest delay, after a successful connection.
