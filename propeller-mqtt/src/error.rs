@@ -107,6 +107,15 @@ pub enum Error {
     #[error("the MQTT client has shut down")]
     Closed,
 
+    /// Too many messages wait for the broker's acknowledgement.
+    #[error("{limit} messages already wait for the broker's acknowledgement ({var}): wait for deliveries, or raise {var}")]
+    OutboxFull {
+        /// The outbox limit variable.
+        var: String,
+        /// Its value.
+        limit: usize,
+    },
+
     /// A log filter that tracing cannot parse.
     #[error("{var}={value:?} is not a valid log filter: write a level (error, warn, info, debug, trace) or directives such as info,propeller_mqtt=debug")]
     LogFilter {

@@ -48,13 +48,19 @@ where
             .map(|suffix| config.channel.topic(suffix))
             .collect();
         let (client, mut messages) = Client::start(&config, topics)?;
-        let mut stop = std::pin::pin!(stop_signal());
+        let mut signals = Signals::new();
         loop {
             tokio::select! {
-                signal = &mut stop => {
-                    info!(signal, "stopping");
-                    break;
-                }
+                signal = signals.next() => match signal {
+                    Signal::Reload => {
+                        info!(signal = "SIGHUP", "reloading TLS material");
+                        client.reload_tls();
+                    }
+                    Signal::Stop(name) => {
+                        info!(signal = name, "stopping");
+                        break;
+                    }
+                },
                 Some(message) = messages.recv() => handle(&client, message).await,
             }
         }
@@ -83,25 +89,58 @@ pub fn init_logging(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// Resolves with the signal's name on SIGTERM (docker stop) or SIGINT (Ctrl-C).
-async fn stop_signal() -> &'static str {
+/// What the operator asked for.
+enum Signal {
+    /// SIGHUP: re-read the TLS files.
+    Reload,
+    /// SIGTERM (docker stop) or SIGINT (Ctrl-C), by name.
+    Stop(&'static str),
+}
+
+/// The signals a service reacts to.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                "SIGINT"
+    hangup: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                hangup: signal(SignalKind::hangup()).ok(),
+                terminate: signal(SignalKind::terminate()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
+
+    async fn next(&mut self) -> Signal {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                Some(()) = recv(&mut self.hangup) => Signal::Reload,
+                Some(()) = recv(&mut self.terminate) => Signal::Stop("SIGTERM"),
+                _ = tokio::signal::ctrl_c() => Signal::Stop("SIGINT"),
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            Signal::Stop("Ctrl-C")
+        }
+    }
+}
+
+/// The next delivery of `signal`; pends forever when it could not be installed.
+#[cfg(unix)]
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
     }
 }

@@ -90,10 +90,14 @@ pub async fn publish_once(env: &Env, topic: &str, payload: &str) {
     .await
     .expect("publisher connects within 10 s")
     .expect("publisher alive");
-    client
+    let delivery = client
         .publish(topic, payload.to_owned())
         .await
         .expect("publish");
+    tokio::time::timeout(std::time::Duration::from_secs(10), delivery.acknowledged())
+        .await
+        .expect("acknowledged within 10 s")
+        .expect("acknowledged");
     client.shutdown().await;
 }
 

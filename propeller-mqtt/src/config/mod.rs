@@ -149,8 +149,8 @@ impl Channel {
 pub struct Config {
     /// Whose variables these are.
     pub service: Service,
-    /// The broker, or the edge in front of it.
-    pub broker: BrokerAddress,
+    /// The brokers (or edges), tried in turn; all use the same transport.
+    pub brokers: Vec<BrokerAddress>,
     /// `None` for plain MQTT.
     pub tls: Option<TlsSettings>,
     /// MQTT client id and username.
@@ -167,6 +167,8 @@ pub struct Config {
     pub keep_alive: Duration,
     /// Largest MQTT packet, both directions.
     pub max_packet_size: usize,
+    /// How many messages may wait for the broker's acknowledgement.
+    pub outbox_limit: usize,
     /// A `tracing` filter, e.g. `info` or `propeller_mqtt=debug`.
     pub log_level: String,
 }
@@ -194,11 +196,13 @@ struct RawEnv {
     mqtt_timeout: Option<String>,
     mqtt_keep_alive: Option<String>,
     mqtt_max_packet_size: Option<String>,
+    mqtt_outbox_limit: Option<String>,
     log_level: Option<String>,
 }
 
 const DEFAULT_ADDRESS: &str = "tcp://localhost:1883";
 const DEFAULT_MAX_PACKET_SIZE: usize = 10 << 20;
+const DEFAULT_OUTBOX_LIMIT: usize = 10_000;
 /// MQTT's remaining-length field cannot describe a larger packet.
 const MQTT_MAX_PACKET_SIZE: usize = 268_435_455;
 
@@ -270,9 +274,8 @@ impl Parser {
             .mqtt_address
             .clone()
             .unwrap_or_else(|| DEFAULT_ADDRESS.to_owned());
-        let broker = BrokerAddress::parse(&address_text)
-            .map_err(|problem| self.invalid("MQTT_ADDRESS", &address_text, &problem))?;
-        let tls = self.tls(&raw, &broker, &address_text)?;
+        let brokers = self.brokers(&address_text)?;
+        let tls = self.tls(&raw, &brokers[0], &address_text)?;
 
         let client_id = self.required_alias(
             raw.client_id,
@@ -352,10 +355,20 @@ impl Parser {
                 },
             )?
             .unwrap_or(DEFAULT_MAX_PACKET_SIZE);
+        let outbox_limit = self
+            .value(
+                "MQTT_OUTBOX_LIMIT",
+                raw.mqtt_outbox_limit.as_deref(),
+                |text| match text.trim().parse::<usize>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => Err("write a number of messages, at least 1, such as 10000".to_owned()),
+                },
+            )?
+            .unwrap_or(DEFAULT_OUTBOX_LIMIT);
 
         Ok(Config {
             service: self.service,
-            broker,
+            brokers,
             tls,
             client_id,
             client_key: Secret::new(client_key),
@@ -367,8 +380,35 @@ impl Parser {
             connect_timeout,
             keep_alive,
             max_packet_size,
+            outbox_limit,
             log_level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
         })
+    }
+
+    /// One address, or a comma-separated list for a cluster without a load
+    /// balancer. Mixing plain and TLS would make the mode depend on which
+    /// broker is up, so every address must use the same transport.
+    fn brokers(&self, text: &str) -> Result<Vec<BrokerAddress>, Error> {
+        let brokers = text
+            .split(',')
+            .map(|one| match one.trim() {
+                "" => Err(self.invalid(
+                    "MQTT_ADDRESS",
+                    text,
+                    "the list has an empty entry: separate addresses with single commas",
+                )),
+                one => BrokerAddress::parse(one)
+                    .map_err(|problem| self.invalid("MQTT_ADDRESS", text, &problem)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if brokers.iter().any(|b| b.transport != brokers[0].transport) {
+            return Err(self.invalid(
+                "MQTT_ADDRESS",
+                text,
+                "the list mixes plain (tcp://) and TLS (ssl://) addresses: use one mode for every broker",
+            ));
+        }
+        Ok(brokers)
     }
 
     fn tls(

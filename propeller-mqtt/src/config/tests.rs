@@ -28,7 +28,9 @@ fn error(extra: &[(&str, &str)]) -> String {
 #[test]
 fn defaults_follow_upstream() {
     let config = parse(&[]).unwrap();
-    assert_eq!(config.broker.to_string(), "tcp://localhost:1883");
+    assert_eq!(config.brokers[0].to_string(), "tcp://localhost:1883");
+    assert_eq!(config.brokers.len(), 1);
+    assert_eq!(config.outbox_limit, 10_000);
     assert_eq!(config.mode(), Mode::Plain);
     assert_eq!(config.qos, QoS::ExactlyOnce);
     assert_eq!(config.connect_timeout, Duration::from_secs(30));
@@ -79,7 +81,7 @@ fn empty_means_unset() {
 #[test]
 fn other_services_variables_are_ignored() {
     let config = parse(&[("MANAGER_MQTT_ADDRESS", "bogus"), ("MANAGER_MQTT_QOS", "9")]).unwrap();
-    assert_eq!(config.broker.port, 1883);
+    assert_eq!(config.brokers[0].port, 1883);
 }
 
 #[test]
@@ -121,6 +123,9 @@ fn each_bad_value_names_its_variable_and_the_fix() {
         ("PROPLET_MQTT_MAX_PACKET_SIZE", "300MiB", "MQTT's limit"),
         ("PROPLET_DOMAIN_ID", "a/b", "cannot contain"),
         ("PROPLET_CLIENT_ID", " x", "whitespace"),
+        ("PROPLET_MQTT_OUTBOX_LIMIT", "0", "at least 1"),
+        ("PROPLET_MQTT_ADDRESS", "tcp://a,ssl://b", "mixes plain"),
+        ("PROPLET_MQTT_ADDRESS", "tcp://a,", "empty entry"),
     ] {
         let message = error(&[(var, value)]);
         assert!(
@@ -233,4 +238,20 @@ fn secrets_stay_out_of_debug_output() {
         !debug.contains("s3cret-key") && !debug.contains("pw-value"),
         "{debug}"
     );
+}
+
+#[test]
+fn a_list_of_brokers() {
+    let config = parse(&[(
+        "PROPLET_MQTT_ADDRESS",
+        "ssl://a:8883, ssl://b,ssl://[::1]:9",
+    )])
+    .unwrap();
+    let hosts: Vec<_> = config
+        .brokers
+        .iter()
+        .map(|b| (b.host.as_str(), b.port))
+        .collect();
+    assert_eq!(hosts, [("a", 8883), ("b", 8883), ("::1", 9)]);
+    assert_eq!(config.mode(), Mode::Tls);
 }

@@ -1,11 +1,18 @@
-//! Exponential backoff with jitter, so that a fleet of proplets does not
-//! reconnect in lockstep after a broker restart.
+//! When to try again after a failed connection.
+//!
+//! For the first [`FAST_PHASE`] of an outage we retry every 1 to 2 seconds, so a
+//! broker back from a restart is found within 2 s of its return. After that
+//! the delay doubles up to the cap, so a long outage costs little. Every delay
+//! is jittered so that a fleet of proplets does not reconnect in lockstep.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
-/// Delays from `min` doubling up to `max`, each scaled by a random 0.8..1.2.
+/// How long an outage is treated as a blip.
+pub(crate) const FAST_PHASE: Duration = Duration::from_secs(10);
+const FAST_MAX: Duration = Duration::from_secs(2);
+
 #[derive(Debug)]
 pub(crate) struct Backoff {
     min: Duration,
@@ -27,16 +34,20 @@ impl Backoff {
         }
     }
 
-    /// The delay before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
+    /// The delay before the next attempt, `outage` into an outage.
+    pub fn next_delay(&mut self, outage: Duration) -> Duration {
         let base = self.next;
-        self.next = (base * 2).min(self.max);
+        self.next = match outage < FAST_PHASE {
+            true => (base * 2).min(FAST_MAX),
+            false => (base * 2).min(self.max),
+        };
         // xorshift64
         self.rng ^= self.rng << 13;
         self.rng ^= self.rng >> 7;
         self.rng ^= self.rng << 17;
         let unit = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
-        let delay = base.mul_f64(0.8 + 0.4 * unit).clamp(self.min, self.max);
+        // Jitter only downwards, so the bounds above hold.
+        let delay = base.mul_f64(0.75 + 0.25 * unit).min(self.max);
         // Whole milliseconds: logs read `retry_in=1.636s`, not nanoseconds.
         Duration::from_millis(delay.as_millis() as u64)
     }
@@ -51,24 +62,44 @@ impl Backoff {
 mod tests {
     use super::*;
 
+    fn backoff() -> Backoff {
+        Backoff::new(Duration::from_secs(1), Duration::from_secs(60))
+    }
+
     #[test]
-    fn grows_to_the_cap_and_resets() {
-        let (min, max) = (Duration::from_secs(1), Duration::from_secs(60));
-        let mut backoff = Backoff::new(min, max);
-        let delays: Vec<_> = (0..12).map(|_| backoff.next_delay()).collect();
-        assert!(delays.iter().all(|d| (min..=max).contains(d)), "{delays:?}");
-        assert!(delays[0] <= Duration::from_millis(1200));
-        assert!(delays[5] >= Duration::from_millis(25_600), "{delays:?}");
-        assert!(delays[11] >= Duration::from_secs(48), "{delays:?}");
+    fn short_outages_retry_within_two_seconds() {
+        let mut backoff = backoff();
+        let mut outage = Duration::ZERO;
+        while outage < FAST_PHASE {
+            let delay = backoff.next_delay(outage);
+            assert!(
+                delay <= FAST_MAX && delay >= Duration::from_millis(750),
+                "{delay:?}"
+            );
+            outage += delay;
+        }
+    }
+
+    #[test]
+    fn long_outages_back_off_to_the_cap_and_reset() {
+        let mut backoff = backoff();
+        let delays: Vec<_> = (0..12).map(|_| backoff.next_delay(FAST_PHASE)).collect();
+        assert!(
+            delays.iter().all(|d| *d <= Duration::from_secs(60)),
+            "{delays:?}"
+        );
+        assert!(delays[5] >= Duration::from_secs(24), "{delays:?}");
+        assert!(delays[11] >= Duration::from_secs(45), "{delays:?}");
         backoff.reset();
-        assert!(backoff.next_delay() <= Duration::from_millis(1200));
+        assert!(backoff.next_delay(Duration::ZERO) <= Duration::from_secs(1));
     }
 
     #[test]
     fn two_clients_do_not_retry_in_lockstep() {
-        let mut a = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
-        let same = (0..8).filter(|_| a.next_delay() == b.next_delay()).count();
+        let (mut a, mut b) = (backoff(), backoff());
+        let same = (0..8)
+            .filter(|_| a.next_delay(FAST_PHASE) == b.next_delay(FAST_PHASE))
+            .count();
         assert!(same < 8);
     }
 }

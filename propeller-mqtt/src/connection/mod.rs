@@ -1,36 +1,37 @@
 //! The MQTT client: one rumqttc event loop driven by a background task that
-//! reconnects with backoff, restores subscriptions, and reports its state.
+//! reconnects with backoff, fails over between brokers, re-reads rotated TLS
+//! files, restores subscriptions, and re-sends what the broker has not
+//! acknowledged.
 
 mod backoff;
+mod driver;
 mod failure;
+mod outbox;
 mod probe;
+mod subscriptions;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS,
-    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
-};
-use tokio::sync::{mpsc, watch};
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{info, warn};
 
 pub use failure::Failure;
 
 use crate::config::Config;
 use crate::tls::TlsSetup;
 use crate::Error;
-use backoff::Backoff;
+use outbox::Outbox;
+use subscriptions::Subscriptions;
 
-const MIN_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// rumqttc's request queue: publishes and subscribes waiting for the event loop.
-const REQUEST_QUEUE: usize = 64;
 /// Inbound messages waiting for the service.
 const INBOX: usize = 256;
+/// Room in rumqttc's request queue beyond the outbox, for SUBSCRIBE and
+/// DISCONNECT, so that queueing never waits (see [`Shared`]).
+const CONTROL_REQUESTS: usize = 1024;
 
 /// An application message received from the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +45,7 @@ pub struct Message {
 /// Where the connection stands, observable through [`Client::state`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionState {
-    /// The first attempt is under way.
+    /// An attempt is under way (the first, or after a reload).
     Connecting,
     /// CONNACK received; the connection is up.
     Connected,
@@ -59,18 +60,76 @@ pub enum ConnectionState {
     Closed,
 }
 
-/// A connection to the broker, kept alive in the background.
-///
-/// Dropping every `Client` stops the background task.
+/// Resolves when the broker has acknowledged a message (PUBACK at QoS 1,
+/// PUBCOMP at QoS 2; at QoS 0, once it is sent).
 #[derive(Debug)]
+#[must_use = "a Delivery does nothing unless awaited; drop it to not wait"]
+pub struct Delivery(oneshot::Receiver<()>);
+
+impl Delivery {
+    /// Waits for the acknowledgement, across reconnects if need be.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] if the client shut down first.
+    pub async fn acknowledged(self) -> Result<(), Error> {
+        self.0.await.map_err(|_| Error::Closed)
+    }
+}
+
+/// State shared by the client handles and the driver, under one lock so that
+/// "connected", the outbox and rumqttc's request queue always agree.
+///
+/// Requests enter rumqttc's queue only while connected and only under this
+/// lock, and the queue has room for every outbox entry plus
+/// [`CONTROL_REQUESTS`], so sending under the lock never waits.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub connected: bool,
+    pub outbox: Outbox,
+    pub subscriptions: Subscriptions,
+}
+
+impl Shared {
+    /// Puts outbox entry `id` on rumqttc's request queue.
+    pub async fn send(&mut self, mqtt: &AsyncClient, id: u64) -> Result<(), Error> {
+        let Some(entry) = self.outbox.get(id) else {
+            return Ok(());
+        };
+        mqtt.publish_bytes(entry.topic.clone(), entry.qos, false, entry.payload.clone())
+            .await
+            .map_err(|_| Error::Closed)?;
+        self.outbox.queued(id);
+        Ok(())
+    }
+}
+
+/// What a client handle asks of the driver.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Re-read the TLS files; reconnect if they changed.
+    ReloadTls,
+}
+
+/// A connection to the broker, kept alive in the background. Cheap to clone;
+/// the connection lives until [`Client::shutdown`] or the last clone is dropped.
+#[derive(Debug, Clone)]
 pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     mqtt: AsyncClient,
     qos: QoS,
-    topics: Arc<Mutex<Topics>>,
+    shared: Arc<Mutex<Shared>>,
     state: watch::Receiver<ConnectionState>,
+    commands: mpsc::UnboundedSender<Command>,
     stop: watch::Sender<bool>,
-    driver: JoinHandle<()>,
+    driver: std::sync::Mutex<Option<JoinHandle<()>>>,
     shutdown_timeout: Duration,
+    outbox_var: String,
+    outbox_limit: usize,
 }
 
 impl Client {
@@ -91,7 +150,8 @@ impl Client {
         let tls = TlsSetup::load(config)?;
         info!(
             mode = %config.mode(),
-            broker = %config.broker,
+            broker = %config.brokers[0],
+            brokers = config.brokers.len(),
             client_id = %config.client_id,
             trust = ?tls.as_ref().map(|t| &t.trust),
             "MQTT configuration loaded"
@@ -101,58 +161,81 @@ impl Client {
                 warn!("{warning}");
             }
         }
-        let options = mqtt_options(config, tls.as_ref());
-        let (mqtt, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+        let options = driver::mqtt_options(config, &config.brokers[0], tls.as_ref());
+        let (mqtt, eventloop) = AsyncClient::new(options, config.outbox_limit + CONTROL_REQUESTS);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let topics = Arc::new(Mutex::new(Topics::new(topics, config.qos)));
-        let driver = Driver {
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Mutex::new(Shared {
+            connected: false,
+            outbox: Outbox::new(config.outbox_limit),
+            subscriptions: Subscriptions::new(topics, config.qos),
+        }));
+        let driver = driver::Driver::new(driver::Parts {
             eventloop,
             mqtt: mqtt.clone(),
             config: config.clone(),
-            topics: topics.clone(),
+            tls,
+            shared: shared.clone(),
             inbox: inbox_tx,
             state: state_tx,
             stop: stop_rx,
-            backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
-            insecure: tls
-                .as_ref()
-                .is_some_and(|t| t.trust == crate::tls::Trust::SkipVerify),
-            tls: tls.clone(),
-        };
-        let client = Client {
+            commands: commands_rx,
+        });
+        let inner = Inner {
             mqtt,
             qos: config.qos,
-            topics,
+            shared,
             state: state_rx,
+            commands: commands_tx,
             stop: stop_tx,
-            driver: tokio::spawn(driver.run()),
+            driver: std::sync::Mutex::new(Some(tokio::spawn(driver.run()))),
             shutdown_timeout: config.connect_timeout,
+            outbox_var: config.service.var("MQTT_OUTBOX_LIMIT"),
+            outbox_limit: config.outbox_limit,
         };
-        Ok((client, inbox_rx))
+        Ok((
+            Client {
+                inner: Arc::new(inner),
+            },
+            inbox_rx,
+        ))
     }
 
     /// Watches the connection state.
     pub fn state(&self) -> watch::Receiver<ConnectionState> {
-        self.state.clone()
+        self.inner.state.clone()
     }
 
-    /// Publishes `payload` on `topic` with the configured QoS. Waits only for
-    /// room in the request queue, not for the broker.
+    /// Publishes `payload` on `topic` with the configured QoS. Returns as soon
+    /// as the message is recorded: sent now if connected, after the reconnect
+    /// otherwise, and sent again after every reconnect until acknowledged.
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] once the client has shut down.
+    /// [`Error::OutboxFull`] when `<P>_MQTT_OUTBOX_LIMIT` messages already wait
+    /// for the broker; [`Error::Closed`] once the client has shut down.
     pub async fn publish(
         &self,
         topic: impl Into<String>,
         payload: impl Into<Bytes>,
-    ) -> Result<(), Error> {
-        self.mqtt
-            .publish_bytes(topic, self.qos, false, payload.into())
-            .await
-            .map_err(|_| Error::Closed)
+    ) -> Result<Delivery, Error> {
+        if *self.inner.stop.borrow() {
+            return Err(Error::Closed);
+        }
+        let mut shared = self.inner.shared.lock().await;
+        let (id, delivered) = shared
+            .outbox
+            .add(topic.into(), payload.into(), self.inner.qos)
+            .map_err(|_| Error::OutboxFull {
+                var: self.inner.outbox_var.clone(),
+                limit: self.inner.outbox_limit,
+            })?;
+        if shared.connected {
+            shared.send(&self.inner.mqtt, id).await?;
+        }
+        Ok(Delivery(delivered))
     }
 
     /// Subscribes to `topic` now if connected, and after every reconnect.
@@ -160,228 +243,66 @@ impl Client {
     /// # Errors
     ///
     /// [`Error::Closed`] once the client has shut down.
-    pub fn subscribe(&self, topic: impl Into<String>) -> Result<(), Error> {
+    pub async fn subscribe(&self, topic: impl Into<String>) -> Result<(), Error> {
         let topic = topic.into();
-        let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
-        if topics.all.contains(&topic) {
+        let mut shared = self.inner.shared.lock().await;
+        if shared.subscriptions.all.contains(&topic) {
             return Ok(());
         }
-        topics.all.push(topic.clone());
-        if *self.state.borrow() == ConnectionState::Connected {
-            topics.send(&self.mqtt, vec![topic])?;
+        shared.subscriptions.all.push(topic.clone());
+        if shared.connected {
+            shared
+                .subscriptions
+                .subscribe(&self.inner.mqtt, vec![topic])?;
         }
         Ok(())
     }
 
-    /// Sends DISCONNECT if connected and stops the background task, waiting at
-    /// most the connect timeout.
-    pub async fn shutdown(self) {
-        let _ = self.stop.send(true);
-        let _ = self.mqtt.try_disconnect();
-        let mut driver = self.driver;
-        if tokio::time::timeout(self.shutdown_timeout, &mut driver)
-            .await
-            .is_err()
-        {
-            warn!("the broker did not take DISCONNECT in time; closing anyway");
-            driver.abort();
+    /// Re-reads the TLS files (the service calls this on SIGHUP). If they
+    /// changed and are valid, the client reconnects with them; if they are
+    /// broken, it keeps the connection and the material it has, and logs why.
+    pub fn reload_tls(&self) {
+        let _ = self.inner.commands.send(Command::ReloadTls);
+    }
+
+    /// How many messages wait for the broker's acknowledgement.
+    pub async fn unacknowledged(&self) -> usize {
+        self.inner.shared.lock().await.outbox.len()
+    }
+
+    /// Waits up to the connect timeout for unacknowledged messages, then sends
+    /// DISCONNECT if connected and stops the background task. Returns how many
+    /// messages were left unacknowledged.
+    pub async fn shutdown(&self) -> usize {
+        let deadline = Instant::now() + self.inner.shutdown_timeout;
+        let mut left = self.unacknowledged().await;
+        while left > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            left = self.unacknowledged().await;
         }
-    }
-}
-
-fn mqtt_options(config: &Config, tls: Option<&TlsSetup>) -> MqttOptions {
-    let mut options = MqttOptions::new(&config.client_id, &config.broker.host, config.broker.port);
-    // Magistrala's edge needs both username and password in CONNECT.
-    options
-        .set_credentials(&config.client_id, config.client_key.expose())
-        .set_keep_alive(config.keep_alive)
-        .set_max_packet_size(config.max_packet_size, config.max_packet_size)
-        .set_clean_session(true);
-    if let Some(tls) = tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.client_config.clone(),
-        )));
-    }
-    options
-}
-
-/// The topics to keep subscribed, and which SUBSCRIBE packets await a SUBACK.
-#[derive(Debug)]
-struct Topics {
-    all: Vec<String>,
-    qos: QoS,
-    /// Topic lists of SUBSCRIBE requests queued to rumqttc, in order; rumqttc
-    /// tells us their packet ids only as it sends them.
-    queued: VecDeque<Vec<String>>,
-    /// Topic lists of sent SUBSCRIBE packets, by packet id.
-    sent: HashMap<u16, Vec<String>>,
-}
-
-impl Topics {
-    fn new(all: Vec<String>, qos: QoS) -> Self {
-        Self {
-            all,
-            qos,
-            queued: VecDeque::new(),
-            sent: HashMap::new(),
-        }
-    }
-
-    fn send(&mut self, mqtt: &AsyncClient, topics: Vec<String>) -> Result<(), Error> {
-        let filters = topics
-            .iter()
-            .map(|t| SubscribeFilter::new(t.clone(), self.qos));
-        mqtt.try_subscribe_many(filters)
-            .map_err(|_| Error::Closed)?;
-        self.queued.push_back(topics);
-        Ok(())
-    }
-}
-
-/// Owns the event loop; runs until stopped or every client handle is dropped.
-struct Driver {
-    eventloop: EventLoop,
-    mqtt: AsyncClient,
-    config: Config,
-    topics: Arc<Mutex<Topics>>,
-    inbox: mpsc::Sender<Message>,
-    state: watch::Sender<ConnectionState>,
-    stop: watch::Receiver<bool>,
-    backoff: Backoff,
-    insecure: bool,
-    /// The TLS setup, to diagnose connections closed before CONNACK.
-    tls: Option<TlsSetup>,
-}
-
-impl Driver {
-    async fn run(mut self) {
-        let mut connected = false;
-        let mut attempts = 0u32;
-        loop {
-            let polled = if connected {
-                // Keep polling while connected, even when stopping: that is what
-                // sends the DISCONNECT.
-                self.eventloop.poll().await
-            } else {
-                let mut stop = self.stop.clone();
-                tokio::select! {
-                    _ = stop.wait_for(|stop| *stop) => break,
-                    // rumqttc's own timeout has whole-second resolution.
-                    polled = tokio::time::timeout(self.config.connect_timeout, self.eventloop.poll()) => {
-                        polled.unwrap_or(Err(ConnectionError::NetworkTimeout))
-                    }
-                }
-            };
-            match polled {
-                Ok(Event::Incoming(Incoming::ConnAck(connack))) => {
-                    connected = true;
-                    attempts = 0;
-                    self.backoff.reset();
-                    self.on_connected(connack.session_present);
-                }
-                Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                    let message = Message {
-                        topic: publish.topic,
-                        payload: publish.payload,
-                    };
-                    debug!(topic = %message.topic, bytes = message.payload.len(), "message received");
-                    // A service that ignores messages drops the receiver; that is fine.
-                    let _ = self.inbox.send(message).await;
-                }
-                Ok(Event::Incoming(Incoming::SubAck(suback))) => {
-                    self.on_suback(suback.pkid, &suback.return_codes)
-                }
-                Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
-                    let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
-                    if let Some(sent) = topics.queued.pop_front() {
-                        topics.sent.insert(pkid, sent);
-                    }
-                }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                Ok(_) => {}
-                Err(ConnectionError::RequestsDone) => break,
-                Err(_) if *self.stop.borrow() => break,
-                Err(error) => {
-                    let mut failure = Failure::classify(&error, connected, self.config.mode());
-                    if let (Failure::ClosedBeforeConnAck, Some(tls)) = (&failure, &self.tls) {
-                        if let Some(refusal) =
-                            probe::tls_refusal(&self.config.broker, tls, self.config.mode()).await
-                        {
-                            failure = refusal;
-                        }
-                    }
-                    connected = false;
-                    attempts += 1;
-                    let delay = self.backoff.next_delay();
-                    warn!(
-                        broker = %self.config.broker,
-                        cause = %failure,
-                        fix = %failure.fix(self.config.service),
-                        retry_in = ?delay,
-                        attempts,
-                        "MQTT connection failed"
-                    );
-                    debug!(error = %crate::one_line(&error), "MQTT connection error detail");
-                    let _ = self
-                        .state
-                        .send(ConnectionState::Retrying { failure, attempts });
-                    let mut stop = self.stop.clone();
-                    tokio::select! {
-                        _ = stop.wait_for(|stop| *stop) => break,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
-        }
-        let _ = self.state.send(ConnectionState::Closed);
-        info!("MQTT client stopped");
-    }
-
-    fn on_connected(&mut self, session_present: bool) {
-        info!(
-            mode = %self.config.mode(),
-            broker = %self.config.broker,
-            client_id = %self.config.client_id,
-            session_present,
-            "MQTT connection established"
-        );
-        if self.insecure {
+        if left > 0 {
             warn!(
-                var = %self.config.service.var("MQTT_TLS_INSECURE_SKIP_VERIFY"),
-                "connected WITHOUT verifying the broker's certificate"
+                left,
+                "shutting down with messages the broker has not acknowledged"
             );
         }
-        if !session_present {
-            // The broker forgot our subscriptions, and rumqttc dropped its queue
-            // of pending requests with them.
-            let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
-            topics.queued.clear();
-            topics.sent.clear();
-            let all = topics.all.clone();
-            if !all.is_empty() {
-                if let Err(e) = topics.send(&self.mqtt, all) {
-                    error!(error = %e, "cannot queue the SUBSCRIBE");
-                }
+        let _ = self.inner.stop.send(true);
+        let _ = self.inner.mqtt.try_disconnect();
+        let driver = self
+            .inner
+            .driver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(mut driver) = driver {
+            let grace = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_secs(1));
+            if tokio::time::timeout(grace, &mut driver).await.is_err() {
+                warn!("the broker did not take DISCONNECT in time; closing anyway");
+                driver.abort();
             }
         }
-        let _ = self.state.send(ConnectionState::Connected);
-    }
-
-    fn on_suback(&mut self, pkid: u16, codes: &[SubscribeReasonCode]) {
-        let mut topics = self.topics.lock().unwrap_or_else(PoisonError::into_inner);
-        let sent = topics.sent.remove(&pkid).unwrap_or_default();
-        for (index, code) in codes.iter().enumerate() {
-            let topic = sent.get(index).map_or("?", String::as_str);
-            // Display (%), not Debug: a topic in quotes is harder to grep.
-            match code {
-                SubscribeReasonCode::Success(qos) => debug!(topic = %topic, ?qos, "subscribed"),
-                SubscribeReasonCode::Failure => error!(
-                    topic = %topic,
-                    client_id = %self.config.client_id,
-                    "the broker refused the subscription: the client is likely not allowed on this topic \
-                     (broker ACL, or the client is not connected to the channel)"
-                ),
-            }
-        }
+        left
     }
 }

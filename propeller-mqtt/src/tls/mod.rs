@@ -50,6 +50,32 @@ pub enum Trust {
     SkipVerify,
 }
 
+/// A hash of every TLS file's bytes (or of why it cannot be read), to tell
+/// cheaply whether anything changed since the setup in use was built.
+pub(crate) fn fingerprint(settings: &TlsSettings) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut hasher = DefaultHasher::new();
+    let mut add = |path: &Path| match std::fs::read(path) {
+        Ok(bytes) => bytes.hash(&mut hasher),
+        Err(error) => error.kind().hash(&mut hasher),
+    };
+    if let Some(ca) = &settings.ca {
+        match std::fs::read_dir(ca) {
+            Ok(entries) => {
+                let mut files: Vec<_> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+                files.sort();
+                files.iter().for_each(|file| add(file));
+            }
+            Err(_) => add(ca),
+        }
+    }
+    if let Some(identity) = &settings.identity {
+        add(&identity.cert);
+        add(&identity.key);
+    }
+    hasher.finish()
+}
+
 /// The one crypto provider we compile: aws-lc-rs.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(aws_lc_rs::default_provider())
