@@ -33,6 +33,8 @@
 pub mod config;
 mod connection;
 mod error;
+#[cfg(test)]
+mod fuzz;
 pub mod service;
 pub mod tls;
 mod warning;

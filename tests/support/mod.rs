@@ -13,13 +13,15 @@
 
 pub mod pki;
 pub mod process;
+pub mod relay;
 pub mod servers;
 
 use std::path::Path;
 
 pub use pki::{Identity, Pki, KEY_PASSWORD};
 pub use process::ServiceProcess;
-pub use servers::{accounts, free_ports, Account, Edge, Mosquitto};
+pub use relay::Relay;
+pub use servers::{accounts, free_ports, Account, BrokerOptions, Edge, Mosquitto};
 
 pub const INSTALL: &str =
     "apt-get install -y openssl mosquitto nginx libnginx-mod-stream libnginx-mod-stream-js";

@@ -12,7 +12,8 @@
 //!   password [`KEY_PASSWORD`]), `legacy` (Proc-Type encrypted RSA), and `v1`,
 //!   a v1 certificate as `openssl x509 -req` without extensions writes;
 //! - `expired`: an expired client; `soon`: expires in 10 days; `stranger`:
-//!   signed by the other CA.
+//!   signed by the other CA; `rotated`: the proplet's CN, signed by the
+//!   other CA (its secret is the proplet's).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -156,6 +157,14 @@ impl Pki {
         ssl.sign(
             "stranger",
             &subject(&secret_of("stranger")),
+            "other-ca",
+            Some("client.ext"),
+        );
+        // The proplet's identity re-issued by the other CA: a rotation.
+        ssl.ec_key("rotated.key");
+        ssl.sign(
+            "rotated",
+            &subject(&secret_of("proplet")),
             "other-ca",
             Some("client.ext"),
         );

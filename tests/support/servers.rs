@@ -17,6 +17,16 @@ pub struct Account {
     pub topics: String,
 }
 
+/// Broker settings a test may change.
+#[derive(Debug, Default, Clone)]
+pub struct BrokerOptions {
+    /// Persist sessions and queued messages to disk after every change, so a
+    /// SIGKILL loses as little as mosquitto allows.
+    pub persistence: bool,
+    /// The CA file that verifies client certificates (default: the PKI's CA).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// mosquitto with a plain, a TLS and an mTLS listener, all requiring a password.
 pub struct Mosquitto {
     pub plain: u16,
@@ -43,6 +53,10 @@ fn spawn_mosquitto(dir: &Path) -> Child {
 
 impl Mosquitto {
     pub fn start(pki: &Pki, accounts: &[Account]) -> Mosquitto {
+        Self::start_with(pki, accounts, BrokerOptions::default())
+    }
+
+    pub fn start_with(pki: &Pki, accounts: &[Account], options: BrokerOptions) -> Mosquitto {
         let dir = tempfile::tempdir().expect("temp dir");
         let passwd = dir.path().join("passwd");
         std::fs::write(&passwd, "").unwrap();
@@ -67,14 +81,24 @@ impl Mosquitto {
             passwd.display(),
             dir.path().join("acl").display()
         );
+        let client_ca = options.client_ca.unwrap_or_else(|| pki.path("ca.crt"));
         let certs = format!(
             "cafile {}\ncertfile {}\nkeyfile {}\n",
-            pki.path("ca.crt").display(),
+            client_ca.display(),
             pki.path("server.crt").display(),
             pki.path("server.key").display()
         );
+        let persistence = match options.persistence {
+            true => format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1\nautosave_on_changes true\n",
+                dir.path().display()
+            ),
+            false => "persistence false\n".to_owned(),
+        };
+        // Unlimited queues: the default 1000 would drop messages for a
+        // persistent subscriber that reconnects after the publisher.
         let config = format!(
-            "per_listener_settings true\npersistence false\nuser root\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
+            "per_listener_settings true\n{persistence}max_queued_messages 0\nuser root\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
              listener {plain} 127.0.0.1\n{auth}\n\
              listener {tls} 127.0.0.1\n{certs}{auth}\n\
              listener {mtls} 127.0.0.1\n{certs}require_certificate true\n{auth}\n"
@@ -147,10 +171,24 @@ impl Mosquitto {
 
     /// Kills the broker with SIGKILL and starts it again on the same ports.
     pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// Kills the broker with SIGKILL; [`Mosquitto::start_again`] revives it.
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Starts the killed broker again, same config and ports.
+    pub fn start_again(&mut self) {
         self.child = spawn_mosquitto(self.dir.path());
-        self.wait_listening(&[self.plain, self.tls, self.mtls]);
+        let ports: Vec<u16> = [self.plain, self.tls, self.mtls]
+            .into_iter()
+            .filter(|p| *p != 0)
+            .collect();
+        self.wait_listening(&ports);
     }
 
     fn wait_listening(&mut self, ports: &[u16]) {

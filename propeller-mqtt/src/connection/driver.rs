@@ -139,35 +139,8 @@ impl Driver {
                     self.outage_since = None;
                     self.on_connected(connack.session_present).await;
                 }
-                Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                    let message = Message {
-                        topic: publish.topic,
-                        payload: publish.payload,
-                    };
-                    debug!(topic = %message.topic, bytes = message.payload.len(), "message received");
-                    // A service that ignores messages drops the receiver; that is fine.
-                    let _ = self.inbox.send(message).await;
-                }
-                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                    self.shared.lock().await.outbox.acknowledged(ack.pkid)
-                }
-                Ok(Event::Incoming(Incoming::PubComp(comp))) => {
-                    self.shared.lock().await.outbox.acknowledged(comp.pkid)
-                }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    self.shared.lock().await.outbox.sent(pkid)
-                }
-                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
-                    self.shared.lock().await.outbox.held_back(pkid)
-                }
-                Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
-                    self.shared.lock().await.subscriptions.sent(pkid)
-                }
-                Ok(Event::Incoming(Incoming::SubAck(suback))) => {
-                    self.on_suback(suback.pkid, &suback.return_codes).await
-                }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                Ok(_) => {}
+                Ok(event) => self.on_event(event).await,
                 Err(ConnectionError::RequestsDone) => break,
                 Err(_) if *self.stop.borrow() => break,
                 Err(error) => {
@@ -251,13 +224,57 @@ impl Driver {
         let _ = self.state.send(ConnectionState::Connected);
     }
 
+    /// Everything but CONNACK and DISCONNECT: messages, acknowledgements, and
+    /// the packet ids rumqttc gives our requests.
+    async fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Incoming(Incoming::Publish(publish)) => {
+                let message = Message {
+                    topic: publish.topic,
+                    payload: publish.payload,
+                };
+                debug!(topic = %message.topic, bytes = message.payload.len(), "message received");
+                // A service that ignores messages drops the receiver; that is fine.
+                let _ = self.inbox.send(message).await;
+            }
+            Event::Incoming(Incoming::PubAck(ack)) => {
+                self.shared.lock().await.outbox.acknowledged(ack.pkid)
+            }
+            Event::Incoming(Incoming::PubComp(comp)) => {
+                self.shared.lock().await.outbox.acknowledged(comp.pkid)
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => self.shared.lock().await.outbox.sent(pkid),
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                self.shared.lock().await.outbox.held_back(pkid)
+            }
+            Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                self.shared.lock().await.subscriptions.sent(pkid)
+            }
+            Event::Incoming(Incoming::SubAck(suback)) => {
+                self.on_suback(suback.pkid, &suback.return_codes).await
+            }
+            _ => {}
+        }
+    }
+
     /// Forgets the connection: no request may enter rumqttc's queue until the
     /// next CONNACK, and what is queued now is dropped with the session, to be
     /// sent again from the outbox.
     async fn connection_lost(&mut self) {
+        // rumqttc keeps events it read but has not handed out yet, and would
+        // hand them out after the next CONNACK, where a PUBACK's packet id
+        // means another message. Handle them now, while the ids still mean
+        // what they meant: they are real acknowledgements and real messages.
+        let buffered: Vec<Event> = self.eventloop.state.events.drain(..).collect();
+        for event in buffered {
+            self.on_event(event).await;
+        }
         let mut shared = self.shared.lock().await;
         shared.connected = false;
         self.eventloop.clean();
+        // A publish held back for a packet id of the old session would block
+        // the new one; the outbox sends it again anyway.
+        self.eventloop.state.collision = None;
         shared.outbox.connection_lost();
     }
 

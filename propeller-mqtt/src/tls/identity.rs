@@ -58,12 +58,12 @@ impl ClientIdentity {
             .map(|p| (p, password_var.as_str()));
         let (key, key_form) = key_file.private_key(password)?;
 
-        let leaf = parse_certificate(&cert_file, &chain[0])?;
         let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
             key_file.problem(format!(
                 "the key is not usable for TLS ({e}): use an RSA (2048 bits or more) or ECDSA P-256/P-384/P-521 key"
             ))
         })?;
+        let leaf = parse_certificate(&cert_file, &chain[0])?;
         let key_matches = signing_key
             .public_key()
             .is_some_and(|public| public.as_ref() == leaf.tbs_certificate.subject_pki.raw);

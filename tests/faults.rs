@@ -1,0 +1,414 @@
+//! Fault tolerance against a real mosquitto: broker kills, certificate
+//! rotation, a half-open link, failover, and a broker that is down at start.
+//! Every figure the issue asks for is printed (run with `--nocapture`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use propeller_mqtt::{Client, Config, ConnectionState, Error, Service};
+use propeller_tests::{
+    accounts, client_id, publish_once, servers_available, BrokerOptions, Env, Mosquitto, Pki,
+    Relay, ServiceProcess,
+};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use tokio::time::timeout;
+
+const TOPIC: &str = "m/dom/c/chan/numbers";
+const START: &str = "m/dom/c/chan/control/manager/start";
+const MESSAGES: usize = 20_000;
+const CONNECTED: &str = "MQTT connection established";
+
+/// A persistent-session subscriber (plain rumqttc, clean_session = false) that
+/// records every number it receives, reconnecting as needed.
+struct Subscriber {
+    received: Arc<Mutex<HashMap<u32, u32>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    async fn start(port: u16, username: String, password: String) -> Subscriber {
+        let mut options = MqttOptions::new("numbers-subscriber", "127.0.0.1", port);
+        options
+            .set_credentials(username, password)
+            .set_clean_session(false)
+            .set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = AsyncClient::new(options, 100);
+        client.subscribe(TOPIC, QoS::AtLeastOnce).await.unwrap();
+        let received = Arc::new(Mutex::new(HashMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        let mut subscribed_tx = Some(subscribed_tx);
+        let (task_received, task_stop) = (received.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let _client = client;
+            while !task_stop.load(Ordering::SeqCst) {
+                match timeout(Duration::from_millis(200), events.poll()).await {
+                    Ok(Ok(Event::Incoming(Incoming::Publish(publish)))) => {
+                        let number: u32 = std::str::from_utf8(&publish.payload)
+                            .unwrap()
+                            .parse()
+                            .unwrap();
+                        *task_received.lock().unwrap().entry(number).or_insert(0) += 1;
+                    }
+                    Ok(Ok(Event::Incoming(Incoming::SubAck(_)))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    _ => {}
+                }
+            }
+        });
+        timeout(Duration::from_secs(10), subscribed_rx)
+            .await
+            .expect("subscribed")
+            .unwrap();
+        Subscriber {
+            received,
+            stop,
+            task,
+        }
+    }
+
+    fn distinct(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    async fn finish(self) -> HashMap<u32, u32> {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.task.await;
+        Arc::try_unwrap(self.received)
+            .unwrap()
+            .into_inner()
+            .unwrap()
+    }
+}
+
+async fn no_message_lost_across_broker_kills(mtls: bool) {
+    let pki = Pki::shared();
+    let (publisher, subscriber) = (pki.identity("proplet"), pki.identity("manager"));
+    let broker = Mosquitto::start_with(
+        pki,
+        &accounts(&[&publisher, &subscriber], "m/dom/c/chan/#"),
+        BrokerOptions {
+            persistence: true,
+            ..Default::default()
+        },
+    );
+    let subscriber = Subscriber::start(
+        broker.plain,
+        client_id("manager"),
+        subscriber.secret.clone(),
+    )
+    .await;
+
+    let mut env = Env::new("PROPLET", &publisher);
+    match mtls {
+        true => env.mtls(broker.mtls, pki, &publisher),
+        false => env.plain(broker.plain),
+    };
+    env.set("MQTT_QOS", "1");
+    let config = Config::from_vars(Service::Proplet, env.vars.clone()).unwrap();
+    let (client, _) = Client::start(&config, vec![]).unwrap();
+
+    // A killer thread: SIGKILL the broker twice while we publish, 1 s down each time.
+    let published = Arc::new(AtomicUsize::new(0));
+    let killer_published = published.clone();
+    let killer = std::thread::spawn(move || {
+        let mut broker = broker;
+        for at in [MESSAGES / 4, MESSAGES * 3 / 5] {
+            while killer_published.load(Ordering::SeqCst) < at {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            broker.kill();
+            std::thread::sleep(Duration::from_secs(1));
+            broker.start_again();
+        }
+        broker
+    });
+
+    let started = Instant::now();
+    let mut full_waits = 0u32;
+    let mut deliveries = Vec::with_capacity(MESSAGES);
+    for number in 0..MESSAGES {
+        loop {
+            match client.publish(TOPIC, number.to_string()).await {
+                Ok(delivery) => break deliveries.push(delivery),
+                // Backpressure: the outbox is full while the broker is down.
+                Err(Error::OutboxFull { .. }) => {
+                    full_waits += 1;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(e) => panic!("publish {number}: {e}"),
+            }
+        }
+        published.store(number + 1, Ordering::SeqCst);
+        if number % 500 == 0 {
+            // Let the kills land while messages are in flight.
+            tokio::task::yield_now().await;
+        }
+    }
+    for delivery in deliveries {
+        timeout(Duration::from_secs(60), delivery.acknowledged())
+            .await
+            .expect("acknowledged in time")
+            .unwrap();
+    }
+    let acknowledged_after = started.elapsed();
+    let broker = tokio::task::spawn_blocking(move || killer.join().unwrap())
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while subscriber.distinct() < MESSAGES && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let received = subscriber.finish().await;
+    client.shutdown().await;
+    drop(broker);
+
+    let missing: Vec<u32> = (0..MESSAGES as u32)
+        .filter(|n| !received.contains_key(n))
+        .collect();
+    let duplicates: u32 = received.values().map(|count| count - 1).sum();
+    println!(
+        "broker kills ({}): {MESSAGES} published, all acknowledged after {acknowledged_after:?}, \
+         {} received, {duplicates} duplicates, {} missing, {full_waits} waits on a full outbox",
+        if mtls { "mTLS" } else { "plain" },
+        received.len(),
+        missing.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "{} messages lost, first {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_lost_across_broker_kills_plain() {
+    if servers_available("no_message_lost_across_broker_kills_plain") {
+        no_message_lost_across_broker_kills(false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_message_lost_across_broker_kills_mtls() {
+    if servers_available("no_message_lost_across_broker_kills_mtls") {
+        no_message_lost_across_broker_kills(true).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_on_sighup_and_broken_files_at_reload() {
+    if !servers_available("certificate_rotation_on_sighup_and_broken_files_at_reload") {
+        return;
+    }
+    let pki = Pki::shared();
+    let (proplet, manager) = (pki.identity("proplet"), pki.identity("manager"));
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key, client_ca) = (
+        files.path().join("client.crt"),
+        files.path().join("client.key"),
+        files.path().join("client-ca.pem"),
+    );
+    std::fs::copy(&proplet.cert, &cert).unwrap();
+    std::fs::copy(&proplet.key, &key).unwrap();
+    // During the rotation the broker trusts both CAs.
+    let both = std::fs::read_to_string(pki.path("ca.crt")).unwrap()
+        + &std::fs::read_to_string(pki.path("other-ca.crt")).unwrap();
+    std::fs::write(&client_ca, both).unwrap();
+    let mut broker = Mosquitto::start_with(
+        pki,
+        &accounts(&[&proplet, &manager], "m/dom/c/chan/#"),
+        BrokerOptions {
+            client_ca: Some(client_ca.clone()),
+            ..Default::default()
+        },
+    );
+    let mut env = Env::new("PROPLET", &proplet);
+    env.mtls(broker.mtls, pki, &proplet)
+        .path("MQTT_TLS_CLIENT_CERT", &cert)
+        .path("MQTT_TLS_CLIENT_KEY", &key)
+        .set("LOG_LEVEL", "debug");
+    let mut service = ServiceProcess::start("proplet", &env.vars);
+    service.wait_for(CONNECTED, Duration::from_secs(10));
+    let mut publisher = Env::new("MANAGER", &manager);
+    publisher.plain(broker.plain);
+    let received = format!("message received topic={START}");
+    publish_once(&publisher, START, "1").await;
+    service.wait_for_count(&received, 1, Duration::from_secs(10));
+
+    // Rotate: a new pair from the other CA, then SIGHUP.
+    std::fs::copy(pki.path("rotated.crt"), &cert).unwrap();
+    std::fs::copy(pki.path("rotated.key"), &key).unwrap();
+    service.signal("HUP");
+    service.wait_for(
+        "TLS files changed: using the new material",
+        Duration::from_secs(5),
+    );
+    service.wait_for(
+        "reconnecting with the new TLS material",
+        Duration::from_secs(5),
+    );
+    service.wait_for_count(CONNECTED, 2, Duration::from_secs(10));
+    // The broker now trusts only the new CA: the old pair would be refused.
+    std::fs::copy(pki.path("other-ca.crt"), &client_ca).unwrap();
+    broker.restart();
+    service.wait_for_count(CONNECTED, 3, Duration::from_secs(10));
+    publish_once(&publisher, START, "2").await;
+    service.wait_for_count(&received, 2, Duration::from_secs(10));
+
+    // A broken key at reload keeps the connection and the material in use.
+    std::fs::write(&key, "not a key\n").unwrap();
+    service.signal("HUP");
+    let line = service.wait_for(
+        "cannot be used; keeping the material in use",
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("PROPLET_MQTT_TLS_CLIENT_KEY="), "{line}");
+    publish_once(&publisher, START, "3").await;
+    service.wait_for_count(&received, 3, Duration::from_secs(10));
+    let output = service.output();
+    assert_eq!(
+        output.matches(CONNECTED).count(),
+        3,
+        "the broken reload reconnected:\n{output}"
+    );
+    assert!(!output.contains(&proplet.secret), "{output}");
+    assert!(service.terminate(Duration::from_secs(10)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_link_is_detected_within_twice_the_keep_alive() {
+    if !servers_available("a_half_open_link_is_detected_within_twice_the_keep_alive") {
+        return;
+    }
+    let pki = Pki::shared();
+    let proplet = pki.identity("proplet");
+    let broker = Mosquitto::start(pki, &accounts(&[&proplet], "m/dom/c/chan/#"));
+    let relay = Relay::start(broker.plain);
+    let keep_alive = Duration::from_secs(2);
+    let mut env = Env::new("PROPLET", &proplet);
+    env.plain(relay.port).set("MQTT_KEEP_ALIVE", "2s");
+    let config = Config::from_vars(Service::Proplet, env.vars.clone()).unwrap();
+    let (client, _) = Client::start(&config, vec![]).unwrap();
+    let mut state = client.state();
+    timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    let frozen = Instant::now();
+    relay.freeze_open_connections();
+    let failure = timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| matches!(s, ConnectionState::Retrying { .. })),
+    )
+    .await
+    .expect("the dead link is noticed")
+    .unwrap()
+    .clone();
+    let detected = frozen.elapsed();
+    timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let reconnected = frozen.elapsed();
+    println!("half-open link: keep-alive {keep_alive:?}, detected after {detected:?} ({failure:?}), reconnected after {reconnected:?}");
+    assert!(
+        detected <= keep_alive * 2 + Duration::from_millis(500),
+        "detected after {detected:?}"
+    );
+    client.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_the_second_broker_keeps_subscriptions() {
+    if !servers_available("failover_to_the_second_broker_keeps_subscriptions") {
+        return;
+    }
+    let pki = Pki::shared();
+    let (proplet, manager) = (pki.identity("proplet"), pki.identity("manager"));
+    let mut first = Mosquitto::start(pki, &accounts(&[&proplet, &manager], "m/dom/c/chan/#"));
+    let second = Mosquitto::start(pki, &accounts(&[&proplet, &manager], "m/dom/c/chan/#"));
+    let mut env = Env::new("PROPLET", &proplet);
+    env.set(
+        "MQTT_ADDRESS",
+        &format!(
+            "tcp://127.0.0.1:{},tcp://127.0.0.1:{}",
+            first.plain, second.plain
+        ),
+    )
+    .set("LOG_LEVEL", "debug");
+    let service = ServiceProcess::start("proplet", &env.vars);
+    service.wait_for(
+        &format!("broker=tcp://127.0.0.1:{}", first.plain),
+        Duration::from_secs(10),
+    );
+    service.wait_for(CONNECTED, Duration::from_secs(10));
+
+    let killed = Instant::now();
+    first.kill();
+    let on_second = format!(
+        "{CONNECTED} mode=plain broker=tcp://127.0.0.1:{}",
+        second.plain
+    );
+    service.wait_for(&on_second, Duration::from_secs(10));
+    let failed_over = killed.elapsed();
+    let mut publisher = Env::new("MANAGER", &manager);
+    publisher.plain(second.plain);
+    publish_once(&publisher, START, "on the second broker").await;
+    service.wait_for(
+        &format!("message received topic={START}"),
+        Duration::from_secs(10),
+    );
+    println!("failover: established on the second broker {failed_over:?} after killing the first");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_at_start_and_a_short_outage() {
+    if !servers_available("broker_down_at_start_and_a_short_outage") {
+        return;
+    }
+    let pki = Pki::shared();
+    let proplet = pki.identity("proplet");
+    let mut broker = Mosquitto::start(pki, &accounts(&[&proplet], "m/dom/c/chan/#"));
+    broker.kill();
+    let mut env = Env::new("PROPLET", &proplet);
+    env.plain(broker.plain);
+    let service = ServiceProcess::start("proplet", &env.vars);
+    service.wait_for("MQTT connection failed", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(3));
+    broker.start_again();
+    let back = Instant::now();
+    service.wait_for(CONNECTED, Duration::from_secs(5));
+    let after_start = back.elapsed();
+
+    broker.kill();
+    std::thread::sleep(Duration::from_secs(6));
+    broker.start_again();
+    let back = Instant::now();
+    service.wait_for_count(CONNECTED, 2, Duration::from_secs(5));
+    let after_outage = back.elapsed();
+    println!("broker down at start: connected {after_start:?} after it came up; 6 s outage: reconnected {after_outage:?} after it returned");
+    assert!(
+        after_start <= Duration::from_millis(2500),
+        "{after_start:?}"
+    );
+    assert!(
+        after_outage <= Duration::from_millis(2500),
+        "{after_outage:?}"
+    );
+}
