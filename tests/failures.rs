@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use propeller_mqtt::tls::TlsSetup;
 use propeller_mqtt::{Client, Config, ConnectionState, Failure, Service, Warning};
-use propeller_tests::{accounts, servers_available, Edge, Env, Identity, Mosquitto, Pki};
+use propeller_tests::{servers_available, Edge, Env, Identity, Mosquitto, Pki};
 use tokio::time::timeout;
 
 const IDENTITIES: [&str; 10] = [
@@ -32,10 +32,7 @@ impl Lab {
     fn start() -> Lab {
         let pki = Pki::shared();
         let ids: Vec<Identity> = IDENTITIES.iter().map(|name| pki.identity(name)).collect();
-        let broker = Mosquitto::start(
-            pki,
-            &accounts(&ids.iter().collect::<Vec<_>>(), "m/dom/c/chan/#"),
-        );
+        let broker = Mosquitto::for_clients(pki, &ids.iter().collect::<Vec<_>>());
         Lab { pki, broker }
     }
 

@@ -10,15 +10,13 @@ use std::time::{Duration, Instant};
 use propeller_mqtt::{Client, Config, ConnectionState, Error, Service};
 use propeller_tests::{
     accounts, client_id, publish_once, servers_available, BrokerOptions, Env, Mosquitto, Pki,
-    Relay, ServiceProcess,
+    Relay, ServiceProcess, CHANNEL_TOPICS, CONNECTED, START,
 };
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use tokio::time::timeout;
 
 const TOPIC: &str = "m/dom/c/chan/numbers";
-const START: &str = "m/dom/c/chan/control/manager/start";
 const MESSAGES: usize = 20_000;
-const CONNECTED: &str = "MQTT connection established";
 
 /// A persistent-session subscriber (plain rumqttc, clean_session = false) that
 /// records every number it receives, reconnecting as needed.
@@ -93,7 +91,7 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
     let (publisher, subscriber) = (pki.identity("proplet"), pki.identity("manager"));
     let broker = Mosquitto::start_with(
         pki,
-        &accounts(&[&publisher, &subscriber], "m/dom/c/chan/#"),
+        &accounts(&[&publisher, &subscriber], CHANNEL_TOPICS),
         BrokerOptions {
             persistence: true,
             ..Default::default()
@@ -225,7 +223,7 @@ async fn certificate_rotation_on_sighup_and_broken_files_at_reload() {
     std::fs::write(&client_ca, both).unwrap();
     let mut broker = Mosquitto::start_with(
         pki,
-        &accounts(&[&proplet, &manager], "m/dom/c/chan/#"),
+        &accounts(&[&proplet, &manager], CHANNEL_TOPICS),
         BrokerOptions {
             client_ca: Some(client_ca.clone()),
             ..Default::default()
@@ -291,7 +289,7 @@ async fn a_half_open_link_is_detected_within_twice_the_keep_alive() {
     }
     let pki = Pki::shared();
     let proplet = pki.identity("proplet");
-    let broker = Mosquitto::start(pki, &accounts(&[&proplet], "m/dom/c/chan/#"));
+    let broker = Mosquitto::for_clients(pki, &[&proplet]);
     let relay = Relay::start(broker.plain);
     let keep_alive = Duration::from_secs(2);
     let mut env = Env::new("PROPLET", &proplet);
@@ -341,8 +339,8 @@ async fn failover_to_the_second_broker_keeps_subscriptions() {
     }
     let pki = Pki::shared();
     let (proplet, manager) = (pki.identity("proplet"), pki.identity("manager"));
-    let mut first = Mosquitto::start(pki, &accounts(&[&proplet, &manager], "m/dom/c/chan/#"));
-    let second = Mosquitto::start(pki, &accounts(&[&proplet, &manager], "m/dom/c/chan/#"));
+    let mut first = Mosquitto::for_clients(pki, &[&proplet, &manager]);
+    let second = Mosquitto::for_clients(pki, &[&proplet, &manager]);
     let mut env = Env::new("PROPLET", &proplet);
     env.set(
         "MQTT_ADDRESS",
@@ -384,7 +382,7 @@ async fn broker_down_at_start_and_a_short_outage() {
     }
     let pki = Pki::shared();
     let proplet = pki.identity("proplet");
-    let mut broker = Mosquitto::start(pki, &accounts(&[&proplet], "m/dom/c/chan/#"));
+    let mut broker = Mosquitto::for_clients(pki, &[&proplet]);
     broker.kill();
     let mut env = Env::new("PROPLET", &proplet);
     env.plain(broker.plain);

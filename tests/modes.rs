@@ -4,14 +4,13 @@
 
 use std::time::Duration;
 
-use propeller_tests::{accounts, servers_available, Edge, Env, Mosquitto, Pki, ServiceProcess};
+use propeller_tests::{servers_available, Edge, Env, Mosquitto, Pki, ServiceProcess, CONNECTED};
 
 const SERVICES: [(&str, &str); 3] = [
     ("manager", "MANAGER"),
     ("proplet", "PROPLET"),
     ("proxy", "PROXY"),
 ];
-const CONNECTED: &str = "MQTT connection established";
 
 struct Lab {
     pki: &'static Pki,
@@ -25,10 +24,7 @@ fn lab() -> Lab {
         .iter()
         .map(|(name, _)| pki.identity(name))
         .collect();
-    let broker = Mosquitto::start(
-        pki,
-        &accounts(&ids.iter().collect::<Vec<_>>(), "m/dom/c/chan/#"),
-    );
+    let broker = Mosquitto::for_clients(pki, &ids.iter().collect::<Vec<_>>());
     let edge = Edge::start(pki, broker.plain, "server", "ca.crt");
     Lab { pki, broker, edge }
 }

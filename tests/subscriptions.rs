@@ -4,11 +4,9 @@
 use std::time::Duration;
 
 use propeller_tests::{
-    accounts, publish_once, servers_available, Edge, Env, Mosquitto, Pki, ServiceProcess,
+    publish_once, servers_available, Edge, Env, Mosquitto, Pki, ServiceProcess, CONNECTED, START,
 };
 
-const START: &str = "m/dom/c/chan/control/manager/start";
-const CONNECTED: &str = "MQTT connection established";
 const RECEIVED: &str = "message received topic=m/dom/c/chan/control/manager/start";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -18,7 +16,7 @@ async fn subscriptions_are_restored_after_a_broker_restart() {
     }
     let pki = Pki::shared();
     let (proplet, manager) = (pki.identity("proplet"), pki.identity("manager"));
-    let mut broker = Mosquitto::start(pki, &accounts(&[&proplet, &manager], "m/dom/c/chan/#"));
+    let mut broker = Mosquitto::for_clients(pki, &[&proplet, &manager]);
     let mut env = Env::new("PROPLET", &proplet);
     env.plain(broker.plain).set("LOG_LEVEL", "debug");
     let service = ServiceProcess::start("proplet", &env.vars);
@@ -89,10 +87,7 @@ fn secrets_stay_out_of_trace_logs() {
         .iter()
         .map(|n| pki.identity(n))
         .collect();
-    let broker = Mosquitto::start(
-        pki,
-        &accounts(&ids.iter().collect::<Vec<_>>(), "m/dom/c/chan/#"),
-    );
+    let broker = Mosquitto::for_clients(pki, &ids.iter().collect::<Vec<_>>());
     let edge = Edge::start(pki, broker.plain, "server", "ca.crt");
     for (index, (name, identity)) in ["manager", "proplet", "proxy"].iter().zip(&ids).enumerate() {
         let prefix = name.to_uppercase();

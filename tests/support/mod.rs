@@ -27,6 +27,12 @@ pub const INSTALL: &str =
     "apt-get install -y openssl mosquitto nginx libnginx-mod-stream libnginx-mod-stream-js";
 pub const DOMAIN: &str = "dom";
 pub const CHANNEL: &str = "chan";
+/// Every topic of the test channel, what broker accounts may use.
+pub const CHANNEL_TOPICS: &str = "m/dom/c/chan/#";
+/// Where the manager sends tasks; every proplet subscribes to it.
+pub const START: &str = "m/dom/c/chan/control/manager/start";
+/// The line a service logs on every CONNACK.
+pub const CONNECTED: &str = "MQTT connection established";
 
 /// True when every server the end-to-end tests need is installed. Otherwise
 /// prints why the test is skipped, or panics under CI.

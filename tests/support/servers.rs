@@ -52,6 +52,11 @@ fn spawn_mosquitto(dir: &Path) -> Child {
 }
 
 impl Mosquitto {
+    /// A broker that knows `identities` as clients of the test channel.
+    pub fn for_clients(pki: &Pki, identities: &[&Identity]) -> Mosquitto {
+        Self::start(pki, &accounts(identities, crate::CHANNEL_TOPICS))
+    }
+
     pub fn start(pki: &Pki, accounts: &[Account]) -> Mosquitto {
         Self::start_with(pki, accounts, BrokerOptions::default())
     }
