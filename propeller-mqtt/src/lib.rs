@@ -30,8 +30,13 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(feature = "cli")]
+pub mod certs;
+#[cfg(feature = "cli")]
+pub mod check;
 pub mod config;
 mod connection;
+pub mod env_file;
 mod error;
 #[cfg(test)]
 mod fuzz;

@@ -2,6 +2,7 @@
 //! install logging, connect, run until SIGTERM or Ctrl-C, disconnect.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tracing::info;
@@ -21,7 +22,18 @@ where
     H: FnMut(&Client, Message) -> F,
     F: Future<Output = ()>,
 {
-    match start(service, topics, handle) {
+    let env_file = match env_file_argument(std::env::args().skip(1)) {
+        Ok(Arguments::Run(env_file)) => env_file,
+        Ok(Arguments::Help) => {
+            println!("{}", usage(service));
+            return ExitCode::SUCCESS;
+        }
+        Err(problem) => {
+            eprintln!("{service}: {problem}\n{}", usage(service));
+            return ExitCode::from(2);
+        }
+    };
+    match start(service, env_file, topics, handle) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{service}: configuration error: {}", one_line(&error));
@@ -30,13 +42,55 @@ where
     }
 }
 
-fn start<H, F>(service: Service, topics: &[&str], mut handle: H) -> Result<(), Error>
+enum Arguments {
+    Run(Option<PathBuf>),
+    Help,
+}
+
+/// A service takes one option: `--env-file PATH`.
+fn env_file_argument(mut args: impl Iterator<Item = String>) -> Result<Arguments, String> {
+    let mut env_file = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Arguments::Help),
+            "--env-file" => {
+                env_file = Some(PathBuf::from(args.next().ok_or("--env-file needs a path")?))
+            }
+            _ => match arg.strip_prefix("--env-file=") {
+                Some(path) => env_file = Some(PathBuf::from(path)),
+                None => return Err(format!("unknown argument {arg:?}")),
+            },
+        }
+    }
+    Ok(Arguments::Run(env_file))
+}
+
+fn usage(service: Service) -> String {
+    format!(
+        "usage: {service} [--env-file PATH]\n\n\
+         Reads {prefix}* variables from the environment, over PATH (docker .env syntax)\n\
+         or over ./.env when no file is named. Non-empty environment values win.\n\
+         SIGHUP re-reads the TLS files; SIGTERM or Ctrl-C stops.",
+        prefix = service.prefix()
+    )
+}
+
+fn start<H, F>(
+    service: Service,
+    env_file: Option<PathBuf>,
+    topics: &[&str],
+    mut handle: H,
+) -> Result<(), Error>
 where
     H: FnMut(&Client, Message) -> F,
     F: Future<Output = ()>,
 {
-    let config = Config::from_env(service)?;
+    let (vars, file) = crate::env_file::service_vars(env_file.as_deref())?;
+    let config = Config::from_vars(service, vars)?;
     init_logging(&config)?;
+    if let Some(file) = file {
+        info!(file = %file.display(), "read variables from the env file");
+    }
     // One thread is plenty for an MQTT client and keeps the idle footprint small.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

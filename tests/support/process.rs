@@ -46,7 +46,17 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts `binary` with exactly `env` (plus PATH), output captured.
     pub fn start(binary: &str, env: &[(String, String)]) -> ServiceProcess {
+        Self::start_with_args(binary, &[], env)
+    }
+
+    /// Starts `binary` with `args` and exactly `env` (plus PATH), output captured.
+    pub fn start_with_args(
+        binary: &str,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> ServiceProcess {
         let mut child = Command::new(self::binary(binary))
+            .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(env.iter().map(|(k, v)| (k, v)))

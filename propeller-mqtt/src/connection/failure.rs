@@ -125,7 +125,7 @@ impl Failure {
                     presented,
                 } => Failure::BrokerNameMismatch {
                     expected: expected.to_str().into_owned(),
-                    presented: presented.clone(),
+                    presented: presented.iter().map(|name| plain_name(name)).collect(),
                 },
                 CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                     Failure::BrokerCertificateExpired
@@ -259,6 +259,14 @@ impl fmt::Display for Failure {
             Failure::Timeout => f.write_str("no answer from the broker within the connect timeout"),
             Failure::ConnectionLost(why) => write!(f, "the connection was lost: {why}"),
         }
+    }
+}
+
+/// rustls reports presented names in Debug form, `DnsName("nginx")`: keep the name.
+fn plain_name(presented: &str) -> String {
+    match (presented.find('"'), presented.rfind('"')) {
+        (Some(start), Some(end)) if end > start => presented[start + 1..end].to_owned(),
+        _ => presented.to_owned(),
     }
 }
 

@@ -7,7 +7,7 @@ mod backoff;
 mod driver;
 mod failure;
 mod outbox;
-mod probe;
+pub(crate) mod probe;
 mod subscriptions;
 
 use std::sync::Arc;

@@ -14,18 +14,18 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::ServerName;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::failure::Failure;
 use crate::config::{BrokerAddress, Mode};
-use crate::tls::TlsSetup;
+use crate::tls::{CertificateFacts, TlsSetup};
 
 /// How long we wait for a verdict once the handshake is done. A server that
 /// accepts our certificate says nothing until CONNECT, so this is also the
 /// probe's cost when TLS is fine.
-const VERDICT_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const VERDICT_WAIT: Duration = Duration::from_secs(2);
 
 /// The TLS-level reason the server refuses us, or `None` when TLS is fine (or
 /// the probe cannot tell).
@@ -46,10 +46,22 @@ pub(crate) async fn tls_refusal(
         Ok(Err(error)) => return Failure::from_io(&error, mode),
         Err(_) => return None,
     };
+    verdict(&mut stream, mode, tls.identity.as_ref(), VERDICT_WAIT).await
+}
+
+/// Right after a handshake, before we send anything: what the server says.
+/// An alert is classified; a close before we said a word means our
+/// certificate was refused; silence (`None`) means TLS is fine.
+pub(crate) async fn verdict<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mode: Mode,
+    ours: Option<&CertificateFacts>,
+    wait: Duration,
+) -> Option<Failure> {
     let mut byte = [0u8; 1];
-    match tokio::time::timeout(VERDICT_WAIT, stream.read(&mut byte)).await {
+    match tokio::time::timeout(wait, stream.read(&mut byte)).await {
         Ok(Err(error)) => Failure::from_io(&error, mode),
-        Ok(Ok(0)) => Some(match (mode, &tls.identity) {
+        Ok(Ok(0)) => Some(match (mode, ours) {
             (Mode::MutualTls, Some(ours)) if ours.not_after < now() => {
                 Failure::ClientCertificateExpired
             }

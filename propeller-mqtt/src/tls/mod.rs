@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::ServerCertVerifier;
+use rustls::client::ResolvesClientCert;
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -81,14 +82,19 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(aws_lc_rs::default_provider())
 }
 
-impl TlsSetup {
+/// The pieces of a TLS setup before they become a `ClientConfig`, so that
+/// `check` can wrap the verifier and the certificate resolver to watch them.
+pub(crate) struct Parts {
+    pub provider: Arc<CryptoProvider>,
+    pub verifier: Arc<dyn ServerCertVerifier>,
+    pub resolver: Option<Arc<dyn ResolvesClientCert>>,
+    pub trust: Trust,
+    pub identity: Option<CertificateFacts>,
+    pub warnings: Vec<Warning>,
+}
+
+impl Parts {
     /// Reads and checks the TLS files of `config`; `None` for plain MQTT.
-    ///
-    /// # Errors
-    ///
-    /// A missing or unreadable file, PEM without the expected content, an
-    /// encrypted key without (or with a wrong) password, a key that does not
-    /// match its certificate, or no usable trust anchor.
     pub fn load(config: &Config) -> Result<Option<Self>, Error> {
         let Some(settings) = &config.tls else {
             return Ok(None);
@@ -135,23 +141,58 @@ impl TlsSetup {
                 Ok::<_, Error>(identity)
             })
             .transpose()?;
+        Ok(Some(Self {
+            provider,
+            verifier,
+            resolver: identity.as_ref().map(|i| {
+                Arc::new(PresentCertificate(i.certified.clone())) as Arc<dyn ResolvesClientCert>
+            }),
+            trust,
+            identity: identity.map(|i| i.facts),
+            warnings,
+        }))
+    }
 
-        let builder = ClientConfig::builder_with_provider(provider)
+    /// The rustls configuration these parts make.
+    pub fn client_config(&self) -> Result<ClientConfig, Error> {
+        self.assemble(self.verifier.clone(), self.resolver.clone())
+    }
+
+    /// The same configuration around another verifier and resolver.
+    pub fn assemble(
+        &self,
+        verifier: Arc<dyn ServerCertVerifier>,
+        resolver: Option<Arc<dyn ResolvesClientCert>>,
+    ) -> Result<ClientConfig, Error> {
+        let builder = ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(Error::Tls)?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        let client_config = match &identity {
-            Some(identity) => builder.with_client_cert_resolver(Arc::new(PresentCertificate(
-                identity.certified.clone(),
-            ))),
+        Ok(match resolver {
+            Some(resolver) => builder.with_client_cert_resolver(resolver),
             None => builder.with_no_client_auth(),
+        })
+    }
+}
+
+impl TlsSetup {
+    /// Reads and checks the TLS files of `config`; `None` for plain MQTT.
+    ///
+    /// # Errors
+    ///
+    /// A missing or unreadable file, PEM without the expected content, an
+    /// encrypted key without (or with a wrong) password, a key that does not
+    /// match its certificate, or no usable trust anchor.
+    pub fn load(config: &Config) -> Result<Option<Self>, Error> {
+        let Some(parts) = Parts::load(config)? else {
+            return Ok(None);
         };
         Ok(Some(Self {
-            client_config: Arc::new(client_config),
-            trust,
-            identity: identity.map(|i| i.facts),
-            warnings,
+            client_config: Arc::new(parts.client_config()?),
+            trust: parts.trust,
+            identity: parts.identity,
+            warnings: parts.warnings,
         }))
     }
 }
@@ -199,7 +240,10 @@ fn trust_anchors(
 }
 
 /// The certificates of a CA bundle file, or of every PEM file in a directory.
-fn ca_certificates(service: Service, path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+pub(crate) fn ca_certificates(
+    service: Service,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, Error> {
     let var = service.var("MQTT_TLS_CA_CERT");
     if !path.is_dir() {
         return PemFile::read(var, path)?.certificates();
