@@ -386,13 +386,25 @@ async fn broker_down_at_start_and_a_short_outage() {
     broker.kill();
     let mut env = Env::new("PROPLET", &proplet);
     env.plain(broker.plain);
+    // The container healthcheck reads this file.
+    let health_dir = tempfile::tempdir().unwrap();
+    let health = health_dir.path().join("health");
+    env.vars
+        .push(("PROPELLER_HEALTH_FILE".into(), health.display().to_string()));
     let service = ServiceProcess::start("proplet", &env.vars);
     service.wait_for("MQTT connection failed", Duration::from_secs(5));
     std::thread::sleep(Duration::from_secs(3));
+    let down = std::fs::read_to_string(&health).unwrap_or_default();
+    assert!(
+        down.starts_with("disconnected: cannot reach the broker"),
+        "{down:?}"
+    );
     broker.start_again();
     let back = Instant::now();
     service.wait_for(CONNECTED, Duration::from_secs(5));
     let after_start = back.elapsed();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(std::fs::read_to_string(&health).unwrap(), "connected\n");
 
     broker.kill();
     std::thread::sleep(Duration::from_secs(6));

@@ -15,7 +15,10 @@ const SERVICES: [(&str, &str); 3] = [
 struct Lab {
     pki: &'static Pki,
     broker: Mosquitto,
+    /// AUTH=x509: client certificate and CN check.
     edge: Edge,
+    /// AUTH=key: TLS with a server certificate only.
+    key_edge: Edge,
 }
 
 fn lab() -> Lab {
@@ -26,7 +29,13 @@ fn lab() -> Lab {
         .collect();
     let broker = Mosquitto::for_clients(pki, &ids.iter().collect::<Vec<_>>());
     let edge = Edge::start(pki, broker.plain, "server", "ca.crt");
-    Lab { pki, broker, edge }
+    let key_edge = Edge::start_key(pki, broker.plain, "server");
+    Lab {
+        pki,
+        broker,
+        edge,
+        key_edge,
+    }
 }
 
 /// Starts every service with the env `mode` makes, and checks each logs the
@@ -93,6 +102,17 @@ fn mqtts_every_service() {
     every_service_connects("mqtts_every_service", "tls", |lab, env, _| {
         env.tls(lab.broker.tls, lab.pki);
     });
+}
+
+#[test]
+fn mqtts_through_the_edge_every_service() {
+    every_service_connects(
+        "mqtts_through_the_edge_every_service",
+        "tls",
+        |lab, env, _| {
+            env.tls(lab.key_edge.port, lab.pki);
+        },
+    );
 }
 
 #[test]

@@ -86,6 +86,10 @@ where
     F: Future<Output = ()>,
 {
     let (vars, file) = crate::env_file::service_vars(env_file.as_deref())?;
+    let health_file = vars
+        .iter()
+        .find(|(name, value)| name == HEALTH_FILE && !value.is_empty())
+        .map(|(_, v)| PathBuf::from(v));
     let config = Config::from_vars(service, vars)?;
     init_logging(&config)?;
     if let Some(file) = file {
@@ -102,6 +106,9 @@ where
             .map(|suffix| config.channel.topic(suffix))
             .collect();
         let (client, mut messages) = Client::start(&config, topics)?;
+        if let Some(path) = health_file {
+            tokio::spawn(write_health(client.state(), path));
+        }
         let mut signals = Signals::new();
         loop {
             tokio::select! {
@@ -121,6 +128,39 @@ where
         client.shutdown().await;
         Ok(())
     })
+}
+
+/// The file a service keeps its connection state in, for a container
+/// healthcheck (`grep -q ^connected "$PROPELLER_HEALTH_FILE"`). Not prefixed:
+/// one image runs any of the three services.
+pub const HEALTH_FILE: &str = "PROPELLER_HEALTH_FILE";
+
+/// Writes `connected` or `disconnected: <why>` to `path` at every change.
+async fn write_health(
+    mut state: tokio::sync::watch::Receiver<crate::ConnectionState>,
+    path: PathBuf,
+) {
+    loop {
+        let line = match &*state.borrow_and_update() {
+            crate::ConnectionState::Connected => "connected\n".to_owned(),
+            crate::ConnectionState::Connecting => "disconnected: connecting\n".to_owned(),
+            crate::ConnectionState::Retrying { failure, .. } => {
+                format!("disconnected: {failure}\n")
+            }
+            crate::ConnectionState::Closed => "disconnected: stopped\n".to_owned(),
+        };
+        // Write then rename, so a healthcheck never reads half a line.
+        let partial = path.with_extension("partial");
+        let written = tokio::fs::write(&partial, line)
+            .await
+            .and(tokio::fs::rename(&partial, &path).await);
+        if let Err(error) = written {
+            tracing::warn!(path = %path.display(), %error, "cannot write the health file");
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Installs a plain-text tracing subscriber filtered by `<P>_LOG_LEVEL`.

@@ -6,7 +6,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
-/// Builds the service binaries once per test process, and returns the path of one.
+/// Builds the binaries once per test process, and returns the path of one.
 ///
 /// `cargo test` builds the test harness of a binary, not the binary itself, so
 /// we ask cargo for it (a no-op when it is up to date).
@@ -22,8 +22,18 @@ pub fn binary(name: &str) -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let mut build = Command::new(cargo);
+        // The services, and the `propeller-mqtt` tool (the library's `cli` feature).
         build.args([
-            "build", "-q", "-p", "manager", "-p", "proplet", "-p", "proxy",
+            "build",
+            "-q",
+            "-p",
+            "manager",
+            "-p",
+            "proplet",
+            "-p",
+            "proxy",
+            "-p",
+            "propeller-mqtt",
         ]);
         if profile_dir.ends_with("release") {
             build.arg("--release");

@@ -209,8 +209,8 @@ impl Drop for Mosquitto {
     }
 }
 
-/// An nginx stream edge in front of mosquitto's plain listener: TLS with
-/// `ssl_verify_client on` and the njs CN check of `tests/edge/mqtt_auth.js`.
+/// An nginx stream edge in front of mosquitto's plain listener, rendered by
+/// `docker/nginx/render.sh` from the config that ships in `docker/nginx/`.
 pub struct Edge {
     pub port: u16,
     child: Child,
@@ -218,35 +218,43 @@ pub struct Edge {
 }
 
 impl Edge {
-    /// Starts nginx with `tests/edge/nginx.conf`, trusting `client_ca` for
-    /// client certificates and presenting `server_cert`.
+    /// `AUTH=x509`: a client certificate from `client_ca` is required, and the
+    /// njs check wants the password to end with its CN. Presents `server_cert`.
     pub fn start(pki: &Pki, upstream: u16, server_cert: &str, client_ca: &str) -> Edge {
+        Self::start_with(pki, upstream, server_cert, "x509", client_ca)
+    }
+
+    /// `AUTH=key`: TLS with a server certificate only.
+    pub fn start_key(pki: &Pki, upstream: u16, server_cert: &str) -> Edge {
+        Self::start_with(pki, upstream, server_cert, "key", "ca.crt")
+    }
+
+    fn start_with(
+        pki: &Pki,
+        upstream: u16,
+        server_cert: &str,
+        auth: &str,
+        client_ca: &str,
+    ) -> Edge {
         let dir = tempfile::tempdir().expect("temp dir");
         let [port] = free_ports();
-        let edge = Path::new(env!("CARGO_MANIFEST_DIR")).join("edge");
-        let template =
-            std::fs::read_to_string(edge.join("nginx.conf")).expect("read tests/edge/nginx.conf");
-        let config = template
-            .replace("@MODULES@", &modules_dir().display().to_string())
-            .replace("@DIR@", &dir.path().display().to_string())
-            .replace("@JS@", &edge.join("mqtt_auth.js").display().to_string())
-            .replace("@LISTEN@", &format!("127.0.0.1:{port}"))
-            .replace("@UPSTREAM@", &format!("127.0.0.1:{upstream}"))
-            .replace(
-                "@SERVER_CERT@",
-                &pki.path(&format!("{server_cert}.crt"))
-                    .display()
-                    .to_string(),
-            )
-            .replace(
-                "@SERVER_KEY@",
-                &pki.path(&format!("{server_cert}.key"))
-                    .display()
-                    .to_string(),
-            )
-            .replace("@CLIENT_CA@", &pki.path(client_ca).display().to_string());
+        let render = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docker/nginx/render.sh");
         let config_path = dir.path().join("nginx.conf");
-        std::fs::write(&config_path, config).unwrap();
+        let status = Command::new("sh")
+            .arg(&render)
+            .arg(&config_path)
+            .env("AUTH", auth)
+            .env("LISTEN", format!("127.0.0.1:{port}"))
+            .env("UPSTREAM", format!("127.0.0.1:{upstream}"))
+            .env("SERVER_CERT", pki.path(&format!("{server_cert}.crt")))
+            .env("SERVER_KEY", pki.path(&format!("{server_cert}.key")))
+            .env("CLIENT_CA", pki.path(client_ca))
+            .env("MODULES", modules_dir())
+            .env("RUN_DIR", dir.path())
+            .env("SINGLE_PROCESS", "1")
+            .status()
+            .expect("run docker/nginx/render.sh");
+        assert!(status.success(), "render.sh failed");
         let error_log = dir.path().join("error.log");
         let child = Command::new("nginx")
             .arg("-p")

@@ -171,11 +171,41 @@ pub struct Config {
     pub outbox_limit: usize,
     /// A `tracing` filter, e.g. `info` or `propeller_mqtt=debug`.
     pub log_level: String,
+    /// `<P>_*` variables that were set but are not ones we read (typos, or
+    /// settings of a newer version), to warn about.
+    pub unknown: Vec<String>,
 }
+
+/// Every variable a service reads, after its prefix. Only these reach envy
+/// (which denies unknown fields, so this list and [`RawEnv`] cannot drift);
+/// any other `<P>_*` variable is reported as unknown, which catches typos.
+pub const VARIABLES: &[&str] = &[
+    "MQTT_ADDRESS",
+    "MQTT_TLS_CA_CERT",
+    "MQTT_TLS_CLIENT_CERT",
+    "MQTT_TLS_CLIENT_KEY",
+    "MQTT_TLS_CLIENT_KEY_PASSWORD",
+    "MQTT_TLS_SERVER_NAME",
+    "MQTT_TLS_INSECURE_SKIP_VERIFY",
+    "CLIENT_ID",
+    "CLIENT_KEY",
+    "DOMAIN_ID",
+    "CHANNEL_ID",
+    "ENTITY_ID",
+    "API_KEY",
+    "TENANT_ID",
+    "MQTT_QOS",
+    "MQTT_TIMEOUT",
+    "MQTT_KEEP_ALIVE",
+    "MQTT_MAX_PACKET_SIZE",
+    "MQTT_OUTBOX_LIMIT",
+    "LOG_LEVEL",
+];
 
 /// The variables as found, every one optional; envy maps `<P>_MQTT_ADDRESS` to
 /// `mqtt_address`. Empty values were dropped before, so `None` means unset or empty.
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawEnv {
     mqtt_address: Option<String>,
     mqtt_tls_ca_cert: Option<PathBuf>,
@@ -237,18 +267,22 @@ impl Config {
     {
         // Compose passes `${VAR}` through as empty when .env comments it out:
         // empty means unset.
-        let vars: HashMap<String, String> = vars
+        let (vars, unknown): (HashMap<String, String>, HashMap<String, String>) = vars
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .filter(|(k, v)| k.starts_with(service.prefix()) && !v.trim().is_empty())
-            .collect();
+            .partition(|(k, _)| VARIABLES.contains(&&k[service.prefix().len()..]));
+        let mut unknown: Vec<String> = unknown.into_keys().collect();
+        unknown.sort();
         let raw: RawEnv = envy::prefixed(service.prefix())
             .from_iter(vars)
             .map_err(|e| Error::InvalidSecret {
                 var: format!("{}*", service.prefix()),
                 problem: e.to_string(),
             })?;
-        Parser { service }.parse(raw)
+        let mut config = Parser { service }.parse(raw)?;
+        config.unknown = unknown;
+        Ok(config)
     }
 
     /// Plain, TLS or mutual TLS.
@@ -381,6 +415,7 @@ impl Parser {
             keep_alive,
             max_packet_size,
             outbox_limit,
+            unknown: Vec::new(),
             log_level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
         })
     }

@@ -255,3 +255,23 @@ fn a_list_of_brokers() {
     assert_eq!(hosts, [("a", 8883), ("b", 8883), ("::1", 9)]);
     assert_eq!(config.mode(), Mode::Tls);
 }
+
+#[test]
+fn every_listed_variable_is_read_and_others_are_reported() {
+    // RawEnv denies unknown fields: a listed name it lacks would fail here.
+    let all: Vec<(String, String)> = VARIABLES
+        .iter()
+        .map(|suffix| (format!("PROPLET_{suffix}"), "1".to_owned()))
+        .collect();
+    let raw: Result<RawEnv, _> = envy::prefixed("PROPLET_").from_iter(all);
+    assert!(raw.is_ok(), "{:?}", raw.err());
+    let config = parse(&[
+        ("PROPLET_MQTT_TLS_CA_CRT", "/ca.crt"),
+        ("PROPLET_LIVELINESS_INTERVAL", "10s"),
+    ])
+    .unwrap();
+    assert_eq!(
+        config.unknown,
+        ["PROPLET_LIVELINESS_INTERVAL", "PROPLET_MQTT_TLS_CA_CRT"]
+    );
+}

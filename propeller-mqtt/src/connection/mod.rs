@@ -161,6 +161,9 @@ impl Client {
                 warn!("{warning}");
             }
         }
+        for variable in &config.unknown {
+            warn!(variable = %variable, "this variable is not one the service reads: a typo? (ignored)");
+        }
         let options = driver::mqtt_options(config, &config.brokers[0], tls.as_ref());
         let (mqtt, eventloop) = AsyncClient::new(options, config.outbox_limit + CONTROL_REQUESTS);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
