@@ -9,7 +9,7 @@ use propeller_mqtt::{service, Service};
 use tracing::debug;
 
 fn main() -> ExitCode {
-    service::run(Service::Manager, &["#"], |_client, message| async move {
+    service::run(Service::Manager, |_client, message| async move {
         debug!(topic = %message.topic, "manager received");
     })
 }

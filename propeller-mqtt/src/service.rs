@@ -12,12 +12,12 @@ use crate::{one_line, Client, Config, Error, Message, Service};
 /// Exit status for a configuration error (`EX_CONFIG` of sysexits.h).
 pub const EXIT_CONFIG: u8 = 78;
 
-/// Runs `service` subscribed to `topics` (suffixes of the channel's topic base),
-/// handing each received message to `handle`, until SIGTERM or Ctrl-C.
+/// Runs `service` subscribed to its [`Service::topics`], handing each received
+/// message to `handle`, until SIGTERM or Ctrl-C.
 ///
 /// Returns success after a clean shutdown, or [`EXIT_CONFIG`] after printing a
 /// configuration error on one line to stderr.
-pub fn run<H, F>(service: Service, topics: &[&str], handle: H) -> ExitCode
+pub fn run<H, F>(service: Service, handle: H) -> ExitCode
 where
     H: FnMut(&Client, Message) -> F,
     F: Future<Output = ()>,
@@ -33,7 +33,7 @@ where
             return ExitCode::from(2);
         }
     };
-    match start(service, env_file, topics, handle) {
+    match start(service, env_file, handle) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("{service}: configuration error: {}", one_line(&error));
@@ -75,12 +75,7 @@ fn usage(service: Service) -> String {
     )
 }
 
-fn start<H, F>(
-    service: Service,
-    env_file: Option<PathBuf>,
-    topics: &[&str],
-    mut handle: H,
-) -> Result<(), Error>
+fn start<H, F>(service: Service, env_file: Option<PathBuf>, mut handle: H) -> Result<(), Error>
 where
     H: FnMut(&Client, Message) -> F,
     F: Future<Output = ()>,
@@ -101,7 +96,8 @@ where
         .build()
         .map_err(Error::Runtime)?;
     runtime.block_on(async {
-        let topics = topics
+        let topics = service
+            .topics()
             .iter()
             .map(|suffix| config.channel.topic(suffix))
             .collect();

@@ -8,14 +8,8 @@ use std::process::ExitCode;
 use propeller_mqtt::{service, Service};
 use tracing::debug;
 
-const TOPICS: [&str; 3] = [
-    "control/manager/start",
-    "control/manager/stop",
-    "registry/server",
-];
-
 fn main() -> ExitCode {
-    service::run(Service::Proplet, &TOPICS, |_client, message| async move {
+    service::run(Service::Proplet, |_client, message| async move {
         debug!(topic = %message.topic, "proplet received");
     })
 }

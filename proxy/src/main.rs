@@ -9,11 +9,7 @@ use propeller_mqtt::{service, Service};
 use tracing::debug;
 
 fn main() -> ExitCode {
-    service::run(
-        Service::Proxy,
-        &["registry/proplet"],
-        |_client, message| async move {
-            debug!(topic = %message.topic, "proxy received");
-        },
-    )
+    service::run(Service::Proxy, |_client, message| async move {
+        debug!(topic = %message.topic, "proxy received");
+    })
 }

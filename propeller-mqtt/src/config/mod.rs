@@ -40,6 +40,23 @@ impl Service {
         }
     }
 
+    /// The topics this service listens on, under the channel's base
+    /// `m/<domain>/c/<channel>`.
+    pub fn topics(self) -> &'static [&'static str] {
+        match self {
+            // Everything on the channel: proplets' announcements and results.
+            Service::Manager => &["#"],
+            // Tasks to start and stop, and the chunks of the modules they need.
+            Service::Proplet => &[
+                "control/manager/start",
+                "control/manager/stop",
+                "registry/server",
+            ],
+            // Module requests from proplets.
+            Service::Proxy => &["registry/proplet"],
+        }
+    }
+
     /// The full name of one of this service's variables, e.g. `var("CLIENT_ID")`.
     pub fn var(self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix())
