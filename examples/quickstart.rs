@@ -159,10 +159,7 @@ async fn run() -> Result<bool> {
 
     // 4. The summary.
     println!("\n4. summary\n");
-    println!(
-        "  {:<16} {:<8} {:<12} {}",
-        "mode", "service", "established", "connect time or cause"
-    );
+    println!("  mode             service  established  connect time or cause");
     let mut as_expected = true;
     for row in &rows {
         let (established, detail) = match &row.outcome {
@@ -311,7 +308,11 @@ fn start_broker(identities: &[Identity]) -> Result<SocketAddr> {
         prometheus: None,
         metrics: None,
     };
-    std::thread::spawn(move || rumqttd::Broker::new(config).start());
+    std::thread::spawn(move || {
+        if let Err(error) = rumqttd::Broker::new(config).start() {
+            eprintln!("quickstart: the broker stopped: {error}");
+        }
+    });
     for _ in 0..100 {
         if std::net::TcpStream::connect(address).is_ok() {
             return Ok(address);
