@@ -94,6 +94,11 @@ impl ServiceProcess {
         ServiceProcess { child, output }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything it printed so far.
     pub fn output(&self) -> String {
         self.output.0.lock().unwrap().clone()
