@@ -165,7 +165,14 @@ impl Client {
             warn!(variable = %variable, "this variable is not one the service reads: a typo? (ignored)");
         }
         let options = driver::mqtt_options(config, &config.brokers[0], tls.as_ref());
-        let (mqtt, eventloop) = AsyncClient::new(options, config.outbox_limit + CONTROL_REQUESTS);
+        let (mqtt, mut eventloop) =
+            AsyncClient::new(options, config.outbox_limit + CONTROL_REQUESTS);
+        let mut network = rumqttc::NetworkOptions::new();
+        // MQTT's packets are small and latency-bound (CONNECT, acks, pings):
+        // no Nagle, as mosquitto's own clients do. (It does not remove the
+        // ~40 ms first-handshake stall against mosquitto; see BENCHMARKS.md.)
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
         let (stop_tx, stop_rx) = watch::channel(false);
