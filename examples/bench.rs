@@ -314,43 +314,10 @@ fn hand_built_tls(lab: &Lab, mode: &str) -> Result<Option<Arc<rustls::ClientConf
 
 fn mosquitto_pub_connack(lab: &Lab, mode: &str) -> Result<Duration> {
     use std::io::{BufRead, BufReader};
-    let mut args: Vec<String> = [
-        "-d",
-        "-h",
-        "127.0.0.1",
-        "-t",
-        "bench/connect",
-        "-m",
-        "x",
-        "-q",
-        "0",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend([
-        "-p".into(),
-        lab.port(mode).to_string(),
-        "-i".into(),
-        propeller_tests::client_id("proplet"),
-    ]);
-    args.extend([
-        "-u".into(),
-        propeller_tests::client_id("proplet"),
-        "-P".into(),
-        lab.proplet.secret.clone(),
-    ]);
-    let files = lab.tls_files(mode, &lab.proplet);
-    if !files.is_empty() {
-        args.extend(["--cafile".into(), files[0].clone()]);
-        if !files[1].is_empty() {
-            args.extend([
-                "--cert".into(),
-                files[1].clone(),
-                "--key".into(),
-                files[2].clone(),
-            ]);
-        }
-    }
+    let mut args: Vec<String> = ["-d", "-t", "bench/connect", "-m", "x", "-q", "0"]
+        .map(String::from)
+        .to_vec();
+    args.extend(mosquitto_pub_connection(lab, mode));
     let started = Instant::now();
     let mut child = Command::new("mosquitto_pub")
         .args(&args)
@@ -367,6 +334,32 @@ fn mosquitto_pub_connack(lab: &Lab, mode: &str) -> Result<Duration> {
     }
     let _ = child.wait();
     Err("mosquitto_pub printed no CONNACK".into())
+}
+
+/// mosquitto_pub's arguments to connect as the proplet in `mode`.
+fn mosquitto_pub_connection(lab: &Lab, mode: &str) -> Vec<String> {
+    let id = propeller_tests::client_id("proplet");
+    let mut args: Vec<String> = vec![
+        "-h".into(),
+        "127.0.0.1".into(),
+        "-p".into(),
+        lab.port(mode).to_string(),
+    ];
+    args.extend([
+        "-i".into(),
+        id.clone(),
+        "-u".into(),
+        id,
+        "-P".into(),
+        lab.proplet.secret.clone(),
+    ]);
+    if let [ca, cert, key] = lab.tls_files(mode, &lab.proplet).as_slice() {
+        args.extend(["--cafile".into(), ca.clone()]);
+        if !cert.is_empty() {
+            args.extend(["--cert".into(), cert.clone(), "--key".into(), key.clone()]);
+        }
+    }
+    args
 }
 
 fn python(args: &[String]) -> Result<String> {
@@ -552,41 +545,10 @@ async fn run_throughput(
             python(&args)?;
         }
         _ => {
-            let mut args: Vec<String> = [
-                "-h",
-                "127.0.0.1",
-                "-l",
-                "-t",
-                &topic,
-                "-q",
-                &qos.to_string(),
-            ]
-            .map(String::from)
-            .to_vec();
-            args.extend([
-                "-p".into(),
-                lab.port(mode).to_string(),
-                "-i".into(),
-                propeller_tests::client_id("proplet"),
-            ]);
-            args.extend([
-                "-u".into(),
-                propeller_tests::client_id("proplet"),
-                "-P".into(),
-                lab.proplet.secret.clone(),
-            ]);
-            let files = lab.tls_files(mode, &lab.proplet);
-            if !files.is_empty() {
-                args.extend(["--cafile".into(), files[0].clone()]);
-                if !files[1].is_empty() {
-                    args.extend([
-                        "--cert".into(),
-                        files[1].clone(),
-                        "--key".into(),
-                        files[2].clone(),
-                    ]);
-                }
-            }
+            let mut args: Vec<String> = ["-l", "-t", &topic, "-q", &qos.to_string()]
+                .map(String::from)
+                .to_vec();
+            args.extend(mosquitto_pub_connection(lab, mode));
             let mut child = Command::new("mosquitto_pub")
                 .args(&args)
                 .stdin(Stdio::piped())
