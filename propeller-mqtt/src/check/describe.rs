@@ -6,8 +6,9 @@ use rustls::pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate, X509Name};
 use x509_parser::public_key::PublicKey;
 
-use super::{days_until, Checker};
+use super::Checker;
 use crate::config::{Config, IdentityFiles};
+use crate::tls::days_until;
 
 /// A CA certificate: subject and expiry; `true` when it has expired.
 pub(super) fn ca(cert: &X509Certificate<'_>) -> (String, bool) {

@@ -9,7 +9,7 @@ mod watch;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use rustls::pki_types::ServerName;
 use serde_json::json;
@@ -402,19 +402,4 @@ async fn handshake(
 
 fn ms(since: Instant) -> String {
     format!("{:.1} ms", since.elapsed().as_secs_f64() * 1000.0)
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-fn days_until(timestamp: i64) -> i64 {
-    (timestamp - now()).div_euclid(86_400)
-}
-
-/// Waits at most this long for CONNACK.
-fn connack_wait(config: &Config) -> Duration {
-    config.connect_timeout
 }

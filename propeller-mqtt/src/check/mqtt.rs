@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{connack_wait, ms, Checker, Stop};
+use super::{ms, Checker, Stop};
 use crate::config::Config;
 use crate::Failure;
 
@@ -26,7 +26,7 @@ pub(super) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(c.failure("mqtt", &failure));
     }
     let mut connack = [0u8; 4];
-    let read = tokio::time::timeout(connack_wait(config), stream.read_exact(&mut connack)).await;
+    let read = tokio::time::timeout(config.connect_timeout, stream.read_exact(&mut connack)).await;
     let failure = match read {
         Err(_) => Failure::Timeout,
         Ok(Err(e)) => Failure::from_io(&e, config.mode()).unwrap_or(Failure::ClosedBeforeConnAck),

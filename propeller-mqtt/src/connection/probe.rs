@@ -11,7 +11,7 @@
 //! intact; a close without one, before we said anything, is a refusal of our
 //! certificate; silence means TLS is fine and the server waits for CONNECT.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -20,7 +20,7 @@ use tokio_rustls::TlsConnector;
 
 use super::failure::Failure;
 use crate::config::{BrokerAddress, Mode};
-use crate::tls::{CertificateFacts, TlsSetup};
+use crate::tls::{unix_now, CertificateFacts, TlsSetup};
 
 /// How long we wait for a verdict once the handshake is done. A server that
 /// accepts our certificate says nothing until CONNECT, so this is also the
@@ -62,7 +62,7 @@ pub(crate) async fn verdict<S: AsyncRead + Unpin>(
     match tokio::time::timeout(wait, stream.read(&mut byte)).await {
         Ok(Err(error)) => Failure::from_io(&error, mode),
         Ok(Ok(0)) => Some(match (mode, ours) {
-            (Mode::MutualTls, Some(ours)) if ours.not_after < now() => {
+            (Mode::MutualTls, Some(ours)) if ours.not_after < unix_now() => {
                 Failure::ClientCertificateExpired
             }
             (Mode::MutualTls, _) => Failure::ClientCertificateRejected(
@@ -75,10 +75,4 @@ pub(crate) async fn verdict<S: AsyncRead + Unpin>(
         // Silence (the server waits for CONNECT) or data: no TLS verdict.
         _ => None,
     }
-}
-
-fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }

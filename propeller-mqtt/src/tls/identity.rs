@@ -103,10 +103,8 @@ impl ClientIdentity {
     ) -> Vec<Warning> {
         let mut warnings = Vec::new();
         let cert_var = service.var("MQTT_TLS_CLIENT_CERT");
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let days_left = (self.facts.not_after - now).div_euclid(86_400);
+        let now = unix_now();
+        let days_left = days_until(self.facts.not_after);
         if self.facts.not_after < now {
             warnings.push(Warning::ClientCertificateExpired {
                 var: cert_var.clone(),
@@ -154,6 +152,18 @@ fn parse_certificate<'a>(
     X509Certificate::from_der(der.as_ref())
         .map(|(_, cert)| cert)
         .map_err(|e| file.problem(format!("the first certificate is not valid X.509 ({e})")))
+}
+
+/// Seconds since the Unix epoch, as certificates count time.
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Whole days from now until `timestamp`; negative once it has passed.
+pub(crate) fn days_until(timestamp: i64) -> i64 {
+    (timestamp - unix_now()).div_euclid(86_400)
 }
 
 /// The file's mode when group or others may read it.

@@ -19,6 +19,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 
 pub use identity::CertificateFacts;
+pub(crate) use identity::{days_until, unix_now};
 pub use pem::KeyForm;
 
 use crate::config::{Config, Service, TlsSettings};
