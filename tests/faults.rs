@@ -116,17 +116,23 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
     // A killer thread: SIGKILL the broker twice while we publish, 1 s down each time.
     let published = Arc::new(AtomicUsize::new(0));
     let killer_published = published.clone();
+    let seen = subscriber.received.clone();
     let killer = std::thread::spawn(move || {
         let mut broker = broker;
+        // Where each kill landed: how many were published, and the highest
+        // number the subscriber had seen. A loss between the two was in flight.
+        let mut kills = Vec::new();
         for at in [MESSAGES / 4, MESSAGES * 3 / 5] {
             while killer_published.load(Ordering::SeqCst) < at {
                 std::thread::sleep(Duration::from_millis(2));
             }
+            let highest_seen = seen.lock().unwrap().keys().max().copied();
+            kills.push((killer_published.load(Ordering::SeqCst), highest_seen));
             broker.kill();
             std::thread::sleep(Duration::from_secs(1));
             broker.start_again();
         }
-        broker
+        (broker, kills)
     });
 
     let started = Instant::now();
@@ -157,7 +163,7 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
             .unwrap();
     }
     let acknowledged_after = started.elapsed();
-    let broker = tokio::task::spawn_blocking(move || killer.join().unwrap())
+    let (broker, kills) = tokio::task::spawn_blocking(move || killer.join().unwrap())
         .await
         .unwrap();
 
@@ -182,7 +188,7 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
     );
     assert!(
         missing.is_empty(),
-        "{} messages lost, first {:?}",
+        "{} messages lost, first {:?}; kills at (published, highest seen by the subscriber): {kills:?}",
         missing.len(),
         &missing[..missing.len().min(10)]
     );
