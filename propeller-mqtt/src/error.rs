@@ -146,6 +146,18 @@ pub enum Error {
     #[error("{0}")]
     Certificate(String),
 
+    /// A service cannot listen where its variables say (the manager's API).
+    #[error("{var}: cannot listen on {address}: choose a free port, or an address of this host")]
+    Listen {
+        /// The variables that name the address.
+        var: String,
+        /// The address.
+        address: String,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// The operating system refused what the async runtime needs.
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),

@@ -35,16 +35,18 @@ pub mod certs;
 #[cfg(feature = "cli")]
 pub mod check;
 pub mod config;
+pub mod config_toml;
 mod connection;
 pub mod env_file;
 mod error;
 #[cfg(test)]
 mod fuzz;
+pub mod protocol;
 pub mod service;
 pub mod tls;
 mod warning;
 
-pub use config::{Config, Mode, Service};
+pub use config::{Config, LastWill, Mode, Service, Settings};
 pub use connection::{Client, ConnectionState, Failure, Message};
 pub use error::{one_line, Error};
 pub use rumqttc::QoS;

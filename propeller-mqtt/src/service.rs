@@ -5,6 +5,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use tokio::sync::mpsc;
 use tracing::info;
 
 use crate::{one_line, Client, Config, Error, Message, Service};
@@ -12,15 +13,31 @@ use crate::{one_line, Client, Config, Error, Message, Service};
 /// Exit status for a configuration error (`EX_CONFIG` of sysexits.h).
 pub const EXIT_CONFIG: u8 = 78;
 
-/// Runs `service` subscribed to its [`Service::topics`], handing each received
-/// message to `handle`, until SIGTERM or Ctrl-C.
+/// What a service's own logic gets once its configuration is read and the
+/// connection is starting.
+pub struct Context {
+    /// The configuration, with the service's own [`Config::settings`].
+    pub config: Config,
+    /// The connection, already subscribed to the service's [`Service::topics`].
+    pub client: Client,
+    /// Messages received on those topics.
+    pub messages: mpsc::Receiver<Message>,
+}
+
+/// Runs `service` until SIGTERM or Ctrl-C.
 ///
-/// Returns success after a clean shutdown, or [`EXIT_CONFIG`] after printing a
-/// configuration error on one line to stderr.
-pub fn run<H, F>(service: Service, handle: H) -> ExitCode
+/// `prepare` reads the service's own settings from the configuration (and
+/// may set a last will) before anything touches the network; its errors are
+/// configuration errors. `main` is the service's logic; it is dropped at
+/// SIGTERM, before the client drains its outbox and disconnects.
+///
+/// Returns success after a clean shutdown, [`EXIT_CONFIG`] after printing a
+/// configuration error on one line to stderr, or failure when `main` fails.
+pub fn run<T, P, M, F>(service: Service, prepare: P, main: M) -> ExitCode
 where
-    H: FnMut(&Client, Message) -> F,
-    F: Future<Output = ()>,
+    P: FnOnce(&mut Config) -> Result<T, Error>,
+    M: FnOnce(T, Context) -> F,
+    F: Future<Output = Result<(), Error>>,
 {
     let env_file = match env_file_argument(std::env::args().skip(1)) {
         Ok(Arguments::Run(env_file)) => env_file,
@@ -33,13 +50,33 @@ where
             return ExitCode::from(2);
         }
     };
-    match start(service, env_file, handle) {
-        Ok(()) => ExitCode::SUCCESS,
+    let (config, settings) = match configure(service, env_file, prepare) {
+        Ok(configured) => configured,
         Err(error) => {
+            eprintln!("{service}: configuration error: {}", one_line(&error));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match serve(config, settings, main) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Stopped::Config(error)) => {
             eprintln!("{service}: configuration error: {}", one_line(&error));
             ExitCode::from(EXIT_CONFIG)
         }
+        Err(Stopped::Failed(error)) => {
+            tracing::error!("{service} stopped: {}", one_line(&error));
+            eprintln!("{service}: {}", one_line(&error));
+            ExitCode::FAILURE
+        }
     }
+}
+
+/// Why [`serve`] returned early.
+enum Stopped {
+    /// The TLS files, read as the client starts.
+    Config(Error),
+    /// The service's own logic gave up.
+    Failed(Error),
 }
 
 enum Arguments {
@@ -75,38 +112,69 @@ fn usage(service: Service) -> String {
     )
 }
 
-fn start<H, F>(service: Service, env_file: Option<PathBuf>, mut handle: H) -> Result<(), Error>
+/// Everything that can go wrong before the network: variables, the env and
+/// config files, logging, and the service's own settings.
+fn configure<T, P>(
+    service: Service,
+    env_file: Option<PathBuf>,
+    prepare: P,
+) -> Result<((Config, Option<PathBuf>), T), Error>
 where
-    H: FnMut(&Client, Message) -> F,
-    F: Future<Output = ()>,
+    P: FnOnce(&mut Config) -> Result<T, Error>,
 {
-    let (vars, file) = crate::env_file::service_vars(env_file.as_deref())?;
+    let (mut vars, file) = crate::env_file::service_vars(env_file.as_deref())?;
+    let config_toml = crate::config_toml::fill(service, &mut vars)?;
     let health_file = vars
         .iter()
         .find(|(name, value)| name == HEALTH_FILE && !value.is_empty())
         .map(|(_, v)| PathBuf::from(v));
-    let config = Config::from_vars(service, vars)?;
+    let mut config = Config::from_vars(service, vars)?;
+    let settings = prepare(&mut config)?;
     init_logging(&config)?;
     if let Some(file) = file {
         info!(file = %file.display(), "read variables from the env file");
     }
-    // One thread is plenty for an MQTT client and keeps the idle footprint small.
+    if let Some(file) = config_toml {
+        info!(file = %file.display(), "read identity values missing from env from the config file");
+    }
+    Ok(((config, health_file), settings))
+}
+
+fn serve<T, M, F>(
+    (config, health_file): (Config, Option<PathBuf>),
+    settings: T,
+    main: M,
+) -> Result<(), Stopped>
+where
+    M: FnOnce(T, Context) -> F,
+    F: Future<Output = Result<(), Error>>,
+{
+    // One thread is plenty for an MQTT client and keeps the idle footprint
+    // small; CPU-heavy work (the proplet's modules) goes to blocking threads.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(Error::Runtime)?;
+        .map_err(|e| Stopped::Failed(Error::Runtime(e)))?;
     runtime.block_on(async {
-        let topics = service
+        let topics = config
+            .service
             .topics()
             .iter()
             .map(|suffix| config.channel.topic(suffix))
             .collect();
-        let (client, mut messages) = Client::start(&config, topics)?;
+        let (client, messages) = Client::start(&config, topics).map_err(Stopped::Config)?;
         if let Some(path) = health_file {
             tokio::spawn(write_health(client.state(), path));
         }
+        let context = Context {
+            config,
+            client: client.clone(),
+            messages,
+        };
+        let main = main(settings, context);
+        tokio::pin!(main);
         let mut signals = Signals::new();
-        loop {
+        let outcome = loop {
             tokio::select! {
                 signal = signals.next() => match signal {
                     Signal::Reload => {
@@ -115,14 +183,14 @@ where
                     }
                     Signal::Stop(name) => {
                         info!(signal = name, "stopping");
-                        break;
+                        break Ok(());
                     }
                 },
-                Some(message) = messages.recv() => handle(&client, message).await,
+                outcome = &mut main => break outcome,
             }
-        }
+        };
         client.shutdown().await;
-        Ok(())
+        outcome.map_err(Stopped::Failed)
     })
 }
 

@@ -1,15 +1,253 @@
-//! Propeller's proplet: runs WebAssembly tasks the manager sends it.
+//! Propeller's proplet: announces itself, keeps a heartbeat, and runs the
+//! WebAssembly tasks the manager starts, fetching modules through the proxy.
 //!
-//! Configured by `PROPLET_*` variables; see the README. Today it connects and
-//! listens for tasks and module chunks; running them lands separately.
+//! Configured by `PROPLET_*` variables; see the README.
 
+mod modules;
+mod runtime;
+
+use std::collections::HashMap;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use propeller_mqtt::{service, Service};
-use tracing::debug;
+use base64::Engine as _;
+use bytes::Bytes;
+use propeller_mqtt::config::value;
+use propeller_mqtt::protocol::{
+    self, addressed_to, topic, PropletAlive, PropletCreate, StartTask, StopTask, TaskResult,
+};
+use propeller_mqtt::service::{self, Context};
+use propeller_mqtt::{Client, Config, ConnectionState, Error, LastWill, Message, Service};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use modules::Modules;
+
+/// A module may use this much linear memory.
+const MAX_MEMORY: usize = 256 << 20;
+
+/// The proplet's own settings.
+struct Settings {
+    liveliness: Duration,
+    limits: runtime::Limits,
+}
+
+impl Settings {
+    /// Reads `PROPLET_LIVELINESS_INTERVAL` and `PROPLET_TASK_TIMEOUT`, and
+    /// sets the last will that tells the manager we died.
+    fn prepare(config: &mut Config) -> Result<Self, Error> {
+        let positive = |text: &str| match value::duration(text)? {
+            d if d.is_zero() => Err("it must be more than zero, such as 10s".to_owned()),
+            d => Ok(d),
+        };
+        let settings = &config.settings;
+        let liveliness =
+            settings.parse("LIVELINESS_INTERVAL", Duration::from_secs(10), positive)?;
+        let timeout = settings.parse("TASK_TIMEOUT", Duration::from_secs(300), positive)?;
+        config.last_will = Some(LastWill {
+            topic: config.channel.topic(topic::PROPLET_ALIVE),
+            payload: json(&PropletAlive {
+                proplet_id: config.client_id.clone(),
+                status: protocol::OFFLINE.to_owned(),
+                namespace: String::new(),
+            }),
+        });
+        Ok(Self {
+            liveliness,
+            limits: runtime::Limits {
+                timeout,
+                max_memory: MAX_MEMORY,
+            },
+        })
+    }
+}
 
 fn main() -> ExitCode {
-    service::run(Service::Proplet, |_client, message| async move {
-        debug!(topic = %message.topic, "proplet received");
-    })
+    service::run(Service::Proplet, Settings::prepare, serve)
+}
+
+async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
+    let config = &context.config;
+    let proplet = Proplet {
+        id: config.client_id.clone(),
+        client: context.client.clone(),
+        modules: Modules::new(
+            context.client.clone(),
+            config.channel.topic(topic::REGISTRY_REQUEST),
+        ),
+        results_topic: config.channel.topic(topic::PROPLET_RESULTS),
+        limits: settings.limits,
+    };
+    let create_topic = config.channel.topic(topic::PROPLET_CREATE);
+    let alive_topic = config.channel.topic(topic::PROPLET_ALIVE);
+    let mut state = context.client.state();
+    let mut heartbeat = tokio::time::interval(settings.liveliness);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(Duration::from_secs(30));
+    let (finished_tx, mut finished) = mpsc::unbounded_channel();
+    let mut tasks: HashMap<String, watch::Sender<bool>> = HashMap::new();
+    let mut announce = *state.borrow_and_update() == ConnectionState::Connected;
+    loop {
+        if announce {
+            // On every connection: the manager may have restarted meanwhile.
+            let create = PropletCreate {
+                proplet_id: proplet.id.clone(),
+                namespace: String::new(),
+                metadata: serde_json::json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "runtime": "wasmi",
+                })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            };
+            proplet.send(&create_topic, json(&create)).await;
+            heartbeat.reset_immediately();
+            announce = false;
+        }
+        tokio::select! {
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                announce = *state.borrow_and_update() == ConnectionState::Connected;
+            }
+            _ = heartbeat.tick() => {
+                // Heartbeats queued while disconnected would arrive stale, together.
+                if *state.borrow() == ConnectionState::Connected {
+                    let alive = PropletAlive {
+                        proplet_id: proplet.id.clone(),
+                        status: protocol::ALIVE.to_owned(),
+                        namespace: String::new(),
+                    };
+                    proplet.send(&alive_topic, json(&alive)).await;
+                }
+            }
+            _ = sweep.tick() => proplet.modules.sweep(),
+            Some(id) = finished.recv() => { tasks.remove(&id); }
+            Some(message) = context.messages.recv() => {
+                proplet.receive(message, &mut tasks, &finished_tx);
+            }
+        }
+    }
+}
+
+/// What every task of this proplet shares.
+#[derive(Clone)]
+struct Proplet {
+    id: String,
+    client: Client,
+    modules: Modules,
+    results_topic: String,
+    limits: runtime::Limits,
+}
+
+impl Proplet {
+    fn receive(
+        &self,
+        message: Message,
+        tasks: &mut HashMap<String, watch::Sender<bool>>,
+        finished: &mpsc::UnboundedSender<String>,
+    ) {
+        let suffix = message.topic.rsplitn(3, '/').collect::<Vec<_>>();
+        let suffix = match suffix.as_slice() {
+            [last, middle, _] => format!("{middle}/{last}"),
+            _ => return,
+        };
+        match suffix.as_str() {
+            "manager/start" => match serde_json::from_slice::<StartTask>(&message.payload) {
+                Ok(task) => self.start(task, tasks, finished),
+                Err(error) => warn!(%error, "ignoring a start message that is not a task"),
+            },
+            "manager/stop" => match serde_json::from_slice::<StopTask>(&message.payload) {
+                Ok(stop) if addressed_to(stop.broadcast, stop.proplet_id.as_deref(), &self.id) => {
+                    if let Some(cancel) = tasks.get(&stop.id) {
+                        info!(task_id = %stop.id, "stopping task");
+                        let _ = cancel.send(true);
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => warn!(%error, "ignoring a stop message that is not a stop"),
+            },
+            "registry/server" => match serde_json::from_slice(&message.payload) {
+                Ok(chunk) => self.modules.chunk(chunk),
+                Err(error) => warn!(%error, "ignoring a registry message that is not a chunk"),
+            },
+            _ => {}
+        }
+    }
+
+    fn start(
+        &self,
+        task: StartTask,
+        tasks: &mut HashMap<String, watch::Sender<bool>>,
+        finished: &mpsc::UnboundedSender<String>,
+    ) {
+        if !addressed_to(task.broadcast, task.proplet_id.as_deref(), &self.id) {
+            return;
+        }
+        if tasks.contains_key(&task.id) {
+            warn!(task_id = %task.id, "task already running; ignoring the second start");
+            return;
+        }
+        info!(task_id = %task.id, function = %task.name, "starting task");
+        let (cancel, stopped) = watch::channel(false);
+        tasks.insert(task.id.clone(), cancel);
+        let (proplet, finished) = (self.clone(), finished.clone());
+        tokio::spawn(async move {
+            let outcome = proplet.execute(&task, stopped).await;
+            match &outcome {
+                Ok(results) => info!(task_id = %task.id, %results, "task completed"),
+                Err(error) => warn!(task_id = %task.id, error, "task failed"),
+            }
+            let (results, error) = match outcome {
+                Ok(results) => (results, None),
+                Err(error) => (Value::Null, Some(error)),
+            };
+            let result = TaskResult {
+                task_id: task.id.clone(),
+                proplet_id: proplet.id.clone(),
+                results,
+                error,
+            };
+            proplet.send(&proplet.results_topic, json(&result)).await;
+            let _ = finished.send(task.id);
+        });
+    }
+
+    /// Gets the module and runs it; every failure is the task's error.
+    async fn execute(
+        &self,
+        task: &StartTask,
+        mut stopped: watch::Receiver<bool>,
+    ) -> Result<Value, String> {
+        let module = match (&task.file, &task.image_url) {
+            (Some(file), _) if !file.is_empty() => base64::engine::general_purpose::STANDARD
+                .decode(file.as_bytes())
+                .map(Bytes::from)
+                .map_err(|e| format!("file is not valid base64: {e}"))?,
+            (_, Some(url)) if !url.is_empty() => tokio::select! {
+                module = self.modules.fetch(url) => module?,
+                _ = stopped.wait_for(|stop| *stop) => return Err("stopped by the manager".to_owned()),
+            },
+            _ => return Err("the task has neither file nor image_url".to_owned()),
+        };
+        let (name, inputs, limits) = (task.name.clone(), task.inputs.clone(), self.limits);
+        tokio::task::spawn_blocking(move || {
+            runtime::run(&module, &name, &inputs, limits, || *stopped.borrow())
+        })
+        .await
+        .unwrap_or_else(|panic| Err(format!("the runtime failed: {panic}")))
+    }
+
+    async fn send(&self, topic: &str, payload: Bytes) {
+        if let Err(error) = self.client.publish(topic.to_owned(), payload).await {
+            warn!(topic, "cannot publish: {error}");
+        }
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }

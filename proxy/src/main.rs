@@ -1,15 +1,211 @@
-//! Propeller's proxy: streams WebAssembly modules to proplets in chunks.
+//! Propeller's proxy: answers proplets' module requests with the module, in
+//! chunks small enough for the broker.
 //!
-//! Configured by `PROXY_*` variables; see the README. Today it connects and
-//! listens for module requests; serving them lands separately.
+//! Configured by `PROXY_*` variables; see the README.
 
+mod http;
+mod store;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
-use propeller_mqtt::{service, Service};
-use tracing::debug;
+use base64::Engine as _;
+use bytes::Bytes;
+use propeller_mqtt::config::value;
+use propeller_mqtt::protocol::{topic, ModuleChunk, ModuleRequest};
+use propeller_mqtt::service::{self, Context};
+use propeller_mqtt::{Client, Config, Error, Service};
+use tokio::sync::OnceCell;
+use tracing::{info, warn};
+
+use http::{BaseUrl, HttpSource};
+use store::Store;
+
+/// Upstream's chunk size: about 683 KB once base64 in JSON.
+const DEFAULT_CHUNK_SIZE: usize = 512_000;
+/// Room in a chunk's packet for the topic, the JSON and MQTT's header.
+const CHUNK_OVERHEAD: usize = 1024;
+
+struct Settings {
+    store: Store,
+    /// The default directory, when nothing was configured; it may appear later.
+    default_dir: bool,
+    chunk_size: usize,
+}
+
+impl Settings {
+    /// Reads `PROXY_MODULES_DIR`, `PROXY_MODULES_URL`, `PROXY_MODULES_CA_CERT`
+    /// and `PROXY_CHUNK_SIZE`.
+    fn prepare(config: &mut Config) -> Result<Self, Error> {
+        let settings = &config.settings;
+        let dir = settings.parse("MODULES_DIR", None, |text| {
+            let dir = PathBuf::from(text);
+            match dir.is_dir() {
+                true => Ok(Some(dir)),
+                false => Err(
+                    "it is not a directory: create it, or mount the modules volume there"
+                        .to_owned(),
+                ),
+            }
+        })?;
+        let url = settings.parse("MODULES_URL", None, |text| BaseUrl::parse(text).map(Some))?;
+        let ca = settings.get("MODULES_CA_CERT").map(PathBuf::from);
+        let http = match url {
+            Some(url) if url.to_string().starts_with("https:") => {
+                let (tls, _) = propeller_mqtt::tls::https_client_config(
+                    settings.var("MODULES_CA_CERT"),
+                    ca.as_deref(),
+                )?;
+                Some(HttpSource::new(url, Some(tls)))
+            }
+            Some(url) if ca.is_none() => Some(HttpSource::new(url, None)),
+            Some(_) | None if ca.is_some() => {
+                return Err(Error::InvalidSecret {
+                    var: settings.var("MODULES_CA_CERT"),
+                    problem: format!(
+                        "it is only used with an https:// {}: unset it, or use https",
+                        settings.var("MODULES_URL")
+                    ),
+                })
+            }
+            _ => None,
+        };
+        let max_packet = config.max_packet_size;
+        let chunk_size = settings.parse("CHUNK_SIZE", DEFAULT_CHUNK_SIZE, |text| {
+            let size = value::byte_size(text)?;
+            let packet = size.div_ceil(3) * 4 + CHUNK_OVERHEAD;
+            match size {
+                0 => Err("it must be at least 1 byte".to_owned()),
+                _ if packet > max_packet => Err(format!(
+                    "a chunk of it is {packet} bytes once base64 in JSON, over the {max_packet}-byte packet limit ({}): lower it, or raise the limit",
+                    config.service.var("MQTT_MAX_PACKET_SIZE")
+                )),
+                _ => Ok(size),
+            }
+        })?;
+        let default_dir = dir.is_none() && http.is_none();
+        let dir = match default_dir {
+            true => Some(PathBuf::from("modules")),
+            false => dir,
+        };
+        Ok(Self {
+            store: Store { dir, http },
+            default_dir,
+            chunk_size,
+        })
+    }
+}
 
 fn main() -> ExitCode {
-    service::run(Service::Proxy, |_client, message| async move {
-        debug!(topic = %message.topic, "proxy received");
-    })
+    service::run(Service::Proxy, Settings::prepare, serve)
+}
+
+async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
+    if settings.default_dir {
+        warn!(
+            "neither PROXY_MODULES_DIR nor PROXY_MODULES_URL is set: serving modules from ./modules"
+        );
+    }
+    let proxy = Arc::new(Proxy {
+        store: settings.store,
+        chunk_size: settings.chunk_size,
+        client: context.client.clone(),
+        chunk_topic: context.config.channel.topic(topic::REGISTRY_CHUNK),
+        fetches: Mutex::default(),
+    });
+    while let Some(message) = context.messages.recv().await {
+        match serde_json::from_slice::<ModuleRequest>(&message.payload) {
+            Ok(request) => {
+                let proxy = proxy.clone();
+                tokio::spawn(async move { proxy.answer(request.app_name).await });
+            }
+            Err(error) => {
+                warn!(%error, "ignoring a module request that is not {{\"app_name\": …}}")
+            }
+        }
+    }
+    Ok(())
+}
+
+type Fetch = Arc<OnceCell<Result<Bytes, String>>>;
+
+struct Proxy {
+    store: Store,
+    chunk_size: usize,
+    client: Client,
+    chunk_topic: String,
+    /// Downloads under way, so that requests for the same module share one.
+    fetches: Mutex<HashMap<String, Fetch>>,
+}
+
+impl Proxy {
+    async fn answer(&self, app_name: String) {
+        info!(app_name, "module requested");
+        let fetch = self.lock().entry(app_name.clone()).or_default().clone();
+        let module = fetch
+            .get_or_init(|| self.store.fetch(&app_name))
+            .await
+            .clone();
+        {
+            // Done: the next request reads the store again, and sees updates.
+            let mut fetches = self.lock();
+            if fetches
+                .get(&app_name)
+                .is_some_and(|f| Arc::ptr_eq(f, &fetch))
+            {
+                fetches.remove(&app_name);
+            }
+        }
+        let module = module.and_then(|module| match module.is_empty() {
+            true => Err("the module file is empty".to_owned()),
+            false => Ok(module),
+        });
+        match module {
+            Ok(module) => self.send(app_name, &module).await,
+            Err(error) => {
+                warn!(app_name, error, "cannot serve the module");
+                self.publish(ModuleChunk {
+                    app_name,
+                    chunk_idx: 0,
+                    total_chunks: 0,
+                    data: String::new(),
+                    error: Some(error),
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn send(&self, app_name: String, module: &[u8]) {
+        let total = module.len().div_ceil(self.chunk_size);
+        for (index, data) in module.chunks(self.chunk_size).enumerate() {
+            self.publish(ModuleChunk {
+                app_name: app_name.clone(),
+                chunk_idx: index as u32,
+                total_chunks: total as u32,
+                data: base64::engine::general_purpose::STANDARD.encode(data),
+                error: None,
+            })
+            .await;
+        }
+        info!(
+            app_name,
+            bytes = module.len(),
+            chunks = total,
+            "module sent"
+        );
+    }
+
+    async fn publish(&self, chunk: ModuleChunk) {
+        let payload = serde_json::to_vec(&chunk).unwrap_or_default();
+        if let Err(error) = self.client.publish(self.chunk_topic.clone(), payload).await {
+            warn!(app_name = %chunk.app_name, chunk = chunk.chunk_idx, "cannot publish a chunk: {error}");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Fetch>> {
+        self.fetches.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }

@@ -11,6 +11,7 @@
 //! Without them the tests print that they were skipped and how to install;
 //! under CI (`CI` set) a missing tool is a failure.
 
+pub mod http;
 pub mod pki;
 pub mod process;
 pub mod relay;
@@ -131,6 +132,10 @@ impl Env {
             .set("DOMAIN_ID", DOMAIN)
             .set("CHANNEL_ID", CHANNEL)
             .set("MQTT_TIMEOUT", "5s");
+        if prefix == "MANAGER" {
+            // Tests run managers side by side: never the fixed default port.
+            env.set("HTTP_HOST", "127.0.0.1").set("HTTP_PORT", "0");
+        }
         env
     }
 

@@ -151,8 +151,14 @@ pub async fn run(service: Service, vars: Vec<(String, String)>) -> Report {
     checker.report
 }
 
-async fn walk(c: &mut Checker, service: Service, vars: Vec<(String, String)>) -> Result<(), Stop> {
+async fn walk(
+    c: &mut Checker,
+    service: Service,
+    mut vars: Vec<(String, String)>,
+) -> Result<(), Stop> {
     // 1. The address and the mode.
+    crate::config_toml::fill(service, &mut vars)
+        .map_err(|e| c.fail("config", one_line(&e), None))?;
     let config =
         Config::from_vars(service, vars).map_err(|e| c.fail("config", one_line(&e), None))?;
     let broker = &config.brokers[0];
@@ -242,7 +248,7 @@ fn check_tls_files(c: &mut Checker, config: &Config) -> Result<Parts, Stop> {
     let ca_var = service.var("MQTT_TLS_CA_CERT");
     let ca_certs = match &settings.ca {
         Some(path) => {
-            let certs = tls::ca_certificates(service, path)
+            let certs = tls::ca_certificates(service.var("MQTT_TLS_CA_CERT"), path)
                 .map_err(|e| c.fail("ca", one_line(&e), None))?;
             c.ok(
                 "ca",

@@ -57,6 +57,33 @@ impl Service {
         }
     }
 
+    /// The variables only this service reads, after its prefix: what it does
+    /// beyond connecting. The connection's own are in [`VARIABLES`]; both
+    /// lists keep typos from passing silently.
+    pub fn settings(self) -> &'static [&'static str] {
+        match self {
+            Service::Manager => &[
+                "CONFIG_FILE",
+                "LIVELINESS_INTERVAL",
+                "HTTP_HOST",
+                "HTTP_PORT",
+            ],
+            Service::Proplet => &[
+                "CONFIG_FILE",
+                "CONFIG_SECTION",
+                "LIVELINESS_INTERVAL",
+                "TASK_TIMEOUT",
+            ],
+            Service::Proxy => &[
+                "CONFIG_FILE",
+                "MODULES_DIR",
+                "MODULES_URL",
+                "MODULES_CA_CERT",
+                "CHUNK_SIZE",
+            ],
+        }
+    }
+
     /// The full name of one of this service's variables, e.g. `var("CLIENT_ID")`.
     pub fn var(self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix())
@@ -191,6 +218,66 @@ pub struct Config {
     /// `<P>_*` variables that were set but are not ones we read (typos, or
     /// settings of a newer version), to warn about.
     pub unknown: Vec<String>,
+    /// The service's own variables ([`Service::settings`]), set and non-empty.
+    pub settings: Settings,
+    /// What the broker publishes for us if we vanish without DISCONNECT. Not
+    /// read from the environment: the service sets it (the proplet's
+    /// `offline` announcement).
+    pub last_will: Option<LastWill>,
+}
+
+/// A message the broker publishes on our behalf when the connection dies
+/// without a DISCONNECT; sent at the configured QoS, not retained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastWill {
+    /// The full topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: bytes::Bytes,
+}
+
+/// The variables of [`Service::settings`], for the service to parse; every
+/// parse names the variable in its error.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    service: Option<Service>,
+    values: HashMap<String, String>,
+}
+
+impl Settings {
+    /// The value of `<P>_<suffix>`, if set and non-empty.
+    pub fn get(&self, suffix: &str) -> Option<&str> {
+        self.values.get(suffix).map(String::as_str)
+    }
+
+    /// Parses `<P>_<suffix>` with `parse`, or returns `default` when unset.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Invalid`] naming the variable, its value and `parse`'s problem.
+    pub fn parse<T>(
+        &self,
+        suffix: &str,
+        default: T,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, Error> {
+        match self.get(suffix) {
+            None => Ok(default),
+            Some(text) => parse(text).map_err(|problem| Error::Invalid {
+                var: self.var(suffix),
+                value: text.to_owned(),
+                problem,
+            }),
+        }
+    }
+
+    /// The full name of `suffix`, e.g. `PROXY_CHUNK_SIZE`.
+    pub fn var(&self, suffix: &str) -> String {
+        match self.service {
+            Some(service) => service.var(suffix),
+            None => suffix.to_owned(),
+        }
+    }
 }
 
 /// Every variable a service reads, after its prefix. Only these reach envy
@@ -284,12 +371,19 @@ impl Config {
     {
         // Compose passes `${VAR}` through as empty when .env comments it out:
         // empty means unset.
-        let (vars, unknown): (HashMap<String, String>, HashMap<String, String>) = vars
+        let (vars, others): (HashMap<String, String>, HashMap<String, String>) = vars
             .into_iter()
             .map(|(k, v)| (k.into(), v.into()))
             .filter(|(k, v)| k.starts_with(service.prefix()) && !v.trim().is_empty())
             .partition(|(k, _)| VARIABLES.contains(&&k[service.prefix().len()..]));
-        let mut unknown: Vec<String> = unknown.into_keys().collect();
+        let (settings, unknown): (HashMap<String, String>, HashMap<String, String>) = others
+            .into_iter()
+            .map(|(k, v)| (k[service.prefix().len()..].to_owned(), v.trim().to_owned()))
+            .partition(|(suffix, _)| service.settings().contains(&suffix.as_str()));
+        let mut unknown: Vec<String> = unknown
+            .into_keys()
+            .map(|suffix| service.var(&suffix))
+            .collect();
         unknown.sort();
         let raw: RawEnv = envy::prefixed(service.prefix())
             .from_iter(vars)
@@ -299,6 +393,10 @@ impl Config {
             })?;
         let mut config = Parser { service }.parse(raw)?;
         config.unknown = unknown;
+        config.settings = Settings {
+            service: Some(service),
+            values: settings,
+        };
         Ok(config)
     }
 
@@ -433,6 +531,8 @@ impl Parser {
             max_packet_size,
             outbox_limit,
             unknown: Vec::new(),
+            settings: Settings::default(),
+            last_will: None,
             log_level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
         })
     }

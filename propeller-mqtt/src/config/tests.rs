@@ -270,8 +270,28 @@ fn every_listed_variable_is_read_and_others_are_reported() {
         ("PROPLET_LIVELINESS_INTERVAL", "10s"),
     ])
     .unwrap();
+    // The proplet's own settings are neither unknown nor the connection's.
+    assert_eq!(config.unknown, ["PROPLET_MQTT_TLS_CA_CRT"]);
+    assert_eq!(config.settings.get("LIVELINESS_INTERVAL"), Some("10s"));
+    assert_eq!(config.settings.var("TASK_TIMEOUT"), "PROPLET_TASK_TIMEOUT");
+    let error = config
+        .settings
+        .parse("LIVELINESS_INTERVAL", 0, |_| Err::<u8, _>("no".to_owned()))
+        .unwrap_err();
     assert_eq!(
-        config.unknown,
-        ["PROPLET_LIVELINESS_INTERVAL", "PROPLET_MQTT_TLS_CA_CRT"]
+        error.to_string(),
+        "PROPLET_LIVELINESS_INTERVAL=\"10s\" is not valid: no"
     );
+    let manager = Config::from_vars(
+        Service::Manager,
+        [
+            ("MANAGER_CLIENT_ID", "m"),
+            ("MANAGER_CLIENT_KEY", "k"),
+            ("MANAGER_DOMAIN_ID", "d"),
+            ("MANAGER_CHANNEL_ID", "c"),
+            ("MANAGER_CHUNK_SIZE", "1"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(manager.unknown, ["MANAGER_CHUNK_SIZE"]);
 }

@@ -32,6 +32,14 @@ pub(crate) fn mqtt_options(
         .set_keep_alive(config.keep_alive)
         .set_max_packet_size(config.max_packet_size, config.max_packet_size)
         .set_clean_session(true);
+    if let Some(will) = &config.last_will {
+        options.set_last_will(rumqttc::LastWill::new(
+            &will.topic,
+            will.payload.to_vec(),
+            config.qos,
+            false,
+        ));
+    }
     if let Some(tls) = tls {
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             tls.client_config.clone(),

@@ -22,7 +22,7 @@ pub use identity::CertificateFacts;
 pub(crate) use identity::{days_until, unix_now};
 pub use pem::KeyForm;
 
-use crate::config::{Config, Service, TlsSettings};
+use crate::config::{Config, TlsSettings};
 use crate::{Error, Warning};
 use identity::{ClientIdentity, PresentCertificate};
 use pem::PemFile;
@@ -83,6 +83,27 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(aws_lc_rs::default_provider())
 }
 
+/// A rustls configuration for HTTPS (the proxy's module source), trusting
+/// what `var` names (a PEM bundle or directory) or, when `ca` is `None`, the
+/// OS trust store: the same rules as `<P>_MQTT_TLS_CA_CERT`.
+///
+/// # Errors
+///
+/// The CA file cannot be read or holds no usable certificate, naming `var`.
+pub fn https_client_config(
+    var: String,
+    ca: Option<&Path>,
+) -> Result<(ClientConfig, Vec<Warning>), Error> {
+    let mut warnings = Vec::new();
+    let (_, roots) = trust_anchors(var, ca, &mut warnings)?;
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(Error::Tls)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((config, warnings))
+}
+
 /// The pieces of a TLS setup before they become a `ClientConfig`, so that
 /// `check` can wrap the verifier and the certificate resolver to watch them.
 pub(crate) struct Parts {
@@ -109,14 +130,18 @@ impl Parts {
                 if let Some(ca) = &settings.ca {
                     // Still read it: a broken path should not go unnoticed until the day
                     // someone turns verification back on.
-                    ca_certificates(service, ca)?;
+                    ca_certificates(service.var("MQTT_TLS_CA_CERT"), ca)?;
                 }
                 warnings.push(Warning::InsecureSkipVerify {
                     var: service.var("MQTT_TLS_INSECURE_SKIP_VERIFY"),
                 });
                 (Trust::SkipVerify, Arc::new(SkipVerify(provider.clone())))
             } else {
-                let (trust, roots) = trust_anchors(service, settings, &mut warnings)?;
+                let (trust, roots) = trust_anchors(
+                    service.var("MQTT_TLS_CA_CERT"),
+                    settings.ca.as_deref(),
+                    &mut warnings,
+                )?;
                 let webpki =
                     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
@@ -198,21 +223,22 @@ impl TlsSetup {
     }
 }
 
+/// The CA certificates that `var` names, or the OS trust store when it is unset.
 fn trust_anchors(
-    service: Service,
-    settings: &TlsSettings,
+    var: String,
+    ca: Option<&Path>,
     warnings: &mut Vec<Warning>,
 ) -> Result<(Trust, RootCertStore), Error> {
     let mut roots = RootCertStore::empty();
-    match &settings.ca {
+    match ca {
         Some(ca) => {
-            let certs = ca_certificates(service, ca)?;
+            let certs = ca_certificates(var.clone(), ca)?;
             let total = certs.len();
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
                 return Err(Error::Material {
-                    var: service.var("MQTT_TLS_CA_CERT"),
-                    path: ca.clone(),
+                    var,
+                    path: ca.to_owned(),
                     problem: format!(
                         "none of its {total} certificates can be used as a CA: point it at the CA certificate (ca.crt)"
                     ),
@@ -231,9 +257,7 @@ fn trust_anchors(
                 });
             }
             if added == 0 {
-                return Err(Error::NoTrustAnchors {
-                    ca_var: service.var("MQTT_TLS_CA_CERT"),
-                });
+                return Err(Error::NoTrustAnchors { ca_var: var });
             }
             Ok((Trust::System(added), roots))
         }
@@ -242,10 +266,9 @@ fn trust_anchors(
 
 /// The certificates of a CA bundle file, or of every PEM file in a directory.
 pub(crate) fn ca_certificates(
-    service: Service,
+    var: String,
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, Error> {
-    let var = service.var("MQTT_TLS_CA_CERT");
     if !path.is_dir() {
         return PemFile::read(var, path)?.certificates();
     }

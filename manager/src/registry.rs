@@ -1,0 +1,175 @@
+//! The proplets the manager knows, and where each stands: discovered (it
+//! announced itself), alive (heartbeats arrive), or offline (its last will
+//! arrived, or three heartbeats did not).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tracing::info;
+
+/// How many heartbeat intervals may pass silently before a proplet is offline.
+pub const MISSED_HEARTBEATS: u32 = 3;
+
+/// Where a proplet stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    /// Announced, no heartbeat yet.
+    Discovered,
+    /// Heartbeats arrive.
+    Alive,
+    /// Gone: its last will, or missed heartbeats.
+    Offline,
+}
+
+/// One proplet, as `GET /proplets` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Proplet {
+    /// Its id (its MQTT client id).
+    pub id: String,
+    /// Where it stands.
+    pub state: Liveness,
+    /// As announced.
+    pub namespace: String,
+    /// Seconds since the epoch of its last message.
+    pub last_seen: u64,
+    /// Tasks dispatched to it and not yet finished.
+    pub running_tasks: usize,
+    #[serde(skip)]
+    seen: Instant,
+}
+
+/// Every proplet seen since the manager started.
+#[derive(Debug)]
+pub struct Registry {
+    proplets: BTreeMap<String, Proplet>,
+    /// Silence after which an alive proplet is offline.
+    silence: Duration,
+}
+
+impl Registry {
+    /// A registry that expects a heartbeat every `interval`.
+    pub fn new(interval: Duration) -> Self {
+        Self {
+            proplets: BTreeMap::new(),
+            silence: interval * MISSED_HEARTBEATS,
+        }
+    }
+
+    /// A proplet announced itself (on every connection it makes).
+    pub fn created(&mut self, id: &str, namespace: &str, now: Instant) {
+        let proplet = self.entry(id, now);
+        proplet.namespace = namespace.to_owned();
+        proplet.seen = now;
+        proplet.last_seen = unix_now();
+        if proplet.state == Liveness::Offline {
+            Self::transition(proplet, Liveness::Discovered, "announced itself again");
+        }
+    }
+
+    /// A heartbeat.
+    pub fn alive(&mut self, id: &str, now: Instant) {
+        let proplet = self.entry(id, now);
+        proplet.seen = now;
+        proplet.last_seen = unix_now();
+        Self::transition(proplet, Liveness::Alive, "heartbeat");
+    }
+
+    /// The last will, or any other `offline` status.
+    pub fn offline(&mut self, id: &str, why: &'static str) {
+        if let Some(proplet) = self.proplets.get_mut(id) {
+            Self::transition(proplet, Liveness::Offline, why);
+        }
+    }
+
+    /// Marks offline every proplet silent for [`MISSED_HEARTBEATS`] intervals.
+    pub fn sweep(&mut self, now: Instant) {
+        for proplet in self.proplets.values_mut() {
+            if proplet.state != Liveness::Offline
+                && now.duration_since(proplet.seen) >= self.silence
+            {
+                Self::transition(proplet, Liveness::Offline, "missed 3 heartbeats");
+            }
+        }
+    }
+
+    /// Every proplet, by id.
+    pub fn all(&self) -> impl Iterator<Item = &Proplet> {
+        self.proplets.values()
+    }
+
+    /// One proplet.
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Proplet> {
+        self.proplets.get_mut(id)
+    }
+
+    /// The alive proplet with the fewest running tasks: the one a task
+    /// without a `proplet_id` goes to.
+    pub fn least_busy(&self) -> Option<&Proplet> {
+        self.proplets
+            .values()
+            .filter(|p| p.state == Liveness::Alive)
+            .min_by_key(|p| p.running_tasks)
+    }
+
+    fn entry(&mut self, id: &str, now: Instant) -> &mut Proplet {
+        self.proplets.entry(id.to_owned()).or_insert_with(|| {
+            info!(proplet_id = id, "proplet discovered");
+            Proplet {
+                id: id.to_owned(),
+                state: Liveness::Discovered,
+                namespace: String::new(),
+                last_seen: unix_now(),
+                running_tasks: 0,
+                seen: now,
+            }
+        })
+    }
+
+    /// Logs each change once; a repeated state is no news.
+    fn transition(proplet: &mut Proplet, to: Liveness, why: &str) {
+        if proplet.state == to {
+            return;
+        }
+        proplet.state = to;
+        match to {
+            Liveness::Discovered => info!(proplet_id = %proplet.id, why, "proplet discovered"),
+            Liveness::Alive => info!(proplet_id = %proplet.id, "proplet alive"),
+            Liveness::Offline => info!(proplet_id = %proplet.id, why, "proplet offline"),
+        }
+    }
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_follows_announcements_heartbeats_and_silence() {
+        let start = Instant::now();
+        let mut registry = Registry::new(Duration::from_secs(10));
+        registry.created("p1", "", start);
+        assert_eq!(registry.all().next().unwrap().state, Liveness::Discovered);
+        registry.alive("p1", start);
+        assert_eq!(registry.least_busy().unwrap().id, "p1");
+        registry.sweep(start + Duration::from_secs(29));
+        assert_eq!(registry.all().next().unwrap().state, Liveness::Alive);
+        registry.sweep(start + Duration::from_secs(30));
+        assert_eq!(registry.all().next().unwrap().state, Liveness::Offline);
+        assert!(registry.least_busy().is_none());
+        // A heartbeat from a proplet never announced: discovered, then alive.
+        registry.alive("p2", start);
+        registry.offline("p2", "last will");
+        assert_eq!(registry.all().nth(1).unwrap().state, Liveness::Offline);
+        registry.created("p2", "ns", start);
+        assert_eq!(registry.all().nth(1).unwrap().state, Liveness::Discovered);
+    }
+}

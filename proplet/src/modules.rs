@@ -1,0 +1,331 @@
+//! Modules named by `image_url`, fetched from the proxy: the request on
+//! `registry/proplet`, and the reassembly of the chunks that come back on
+//! `registry/server`, which may arrive out of order, twice, or for modules
+//! another proplet asked for.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use propeller_mqtt::protocol::{topic, ModuleChunk, ModuleRequest};
+use propeller_mqtt::{Client, Error};
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+/// How long a task waits for its module.
+pub const WAIT: Duration = Duration::from_secs(60);
+/// How long a partial set of chunks is kept, in case a later task asks again.
+pub const KEEP_PARTIAL: Duration = Duration::from_secs(300);
+/// The largest module we reassemble: 512 chunks of upstream's size.
+const MAX_MODULE: usize = 256 << 20;
+
+/// The chunks of one module, as they arrive.
+#[derive(Debug)]
+struct Partial {
+    chunks: Vec<Option<Bytes>>,
+    received: usize,
+    bytes: usize,
+    started: Instant,
+}
+
+/// What a chunk did.
+#[derive(Debug, PartialEq)]
+pub enum Added {
+    /// More are needed.
+    Partial,
+    /// It was the last one: the whole module.
+    Complete(Bytes),
+    /// The proxy cannot serve it, or the chunks cannot make a module.
+    Failed(String),
+    /// A duplicate or a chunk we cannot use; nothing changed.
+    Ignored(String),
+}
+
+/// Chunk sets being reassembled, by `app_name`.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    partial: HashMap<String, Partial>,
+}
+
+impl Assembler {
+    /// Adds one chunk.
+    pub fn add(&mut self, chunk: ModuleChunk, now: Instant) -> Added {
+        if let Some(error) = chunk.error.filter(|e| !e.is_empty()) {
+            self.partial.remove(&chunk.app_name);
+            return Added::Failed(format!("the proxy cannot serve it: {error}"));
+        }
+        let total = chunk.total_chunks as usize;
+        let index = chunk.chunk_idx as usize;
+        if total == 0 || index >= total {
+            return Added::Ignored(format!("chunk {index} of {total} is out of range"));
+        }
+        let Ok(data) = base64::engine::general_purpose::STANDARD.decode(chunk.data.as_bytes())
+        else {
+            return Added::Ignored(format!("chunk {index} is not valid base64"));
+        };
+        let partial = self
+            .partial
+            .entry(chunk.app_name.clone())
+            .or_insert_with(|| Partial {
+                chunks: vec![None; total],
+                received: 0,
+                bytes: 0,
+                started: now,
+            });
+        if partial.chunks.len() != total {
+            // The module changed at the proxy between two requests: start over.
+            *partial = Partial {
+                chunks: vec![None; total],
+                received: 0,
+                bytes: 0,
+                started: now,
+            };
+        }
+        if partial.chunks[index].is_some() {
+            return Added::Ignored(format!("chunk {index} is a duplicate"));
+        }
+        partial.bytes += data.len();
+        if partial.bytes > MAX_MODULE {
+            self.partial.remove(&chunk.app_name);
+            return Added::Failed(format!(
+                "the module is over {} MiB, more than a proplet takes",
+                MAX_MODULE >> 20
+            ));
+        }
+        partial.chunks[index] = Some(Bytes::from(data));
+        partial.received += 1;
+        if partial.received < total {
+            return Added::Partial;
+        }
+        let partial = self
+            .partial
+            .remove(&chunk.app_name)
+            .unwrap_or_else(|| unreachable!());
+        let mut module = Vec::with_capacity(partial.bytes);
+        for chunk in partial.chunks.into_iter().flatten() {
+            module.extend_from_slice(&chunk);
+        }
+        Added::Complete(Bytes::from(module))
+    }
+
+    /// Whether chunks of `app_name` are being collected.
+    pub fn collecting(&self, app_name: &str) -> bool {
+        self.partial.contains_key(app_name)
+    }
+
+    /// Drops partial sets older than [`KEEP_PARTIAL`]; returns their names.
+    pub fn sweep(&mut self, now: Instant) -> Vec<String> {
+        let old: Vec<String> = self
+            .partial
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.started) >= KEEP_PARTIAL)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &old {
+            self.partial.remove(name);
+        }
+        old
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Bytes, String>>;
+
+/// The proplet's side of the proxy protocol, shared by its tasks.
+#[derive(Clone)]
+pub struct Modules {
+    client: Client,
+    request_topic: String,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    assembler: Assembler,
+    waiters: HashMap<String, Vec<Waiter>>,
+}
+
+impl Modules {
+    /// Modules fetched through `client`, with requests on `request_topic`.
+    pub fn new(client: Client, request_topic: String) -> Self {
+        Self {
+            client,
+            request_topic,
+            state: Arc::default(),
+        }
+    }
+
+    /// Asks the proxy for `app_name` and waits up to [`WAIT`] for all of it.
+    /// Tasks that need the same module at once share one request.
+    ///
+    /// # Errors
+    ///
+    /// The proxy cannot serve it, or it did not arrive in time.
+    pub async fn fetch(&self, app_name: &str) -> Result<Bytes, String> {
+        let (sender, receiver) = oneshot::channel();
+        let first = {
+            let mut state = self.lock();
+            let waiters = state.waiters.entry(app_name.to_owned()).or_default();
+            waiters.retain(|w| !w.is_closed());
+            waiters.push(sender);
+            waiters.len() == 1
+        };
+        if first {
+            self.request(app_name).await.map_err(|e| e.to_string())?;
+        }
+        match tokio::time::timeout(WAIT, receiver).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("the proplet is stopping".to_owned()),
+            Err(_) => Err(format!(
+                "module {app_name:?} did not arrive from the proxy within {}s: is the proxy running and connected?",
+                WAIT.as_secs()
+            )),
+        }
+    }
+
+    async fn request(&self, app_name: &str) -> Result<(), Error> {
+        let payload = serde_json::to_vec(&ModuleRequest {
+            app_name: app_name.to_owned(),
+        })
+        .unwrap_or_default();
+        info!(
+            app_name,
+            topic = topic::REGISTRY_REQUEST,
+            "asking the proxy for the module"
+        );
+        // Not awaiting the delivery: chunks answer faster than PUBCOMP at QoS 2.
+        let _ = self
+            .client
+            .publish(self.request_topic.clone(), payload)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a chunk from the proxy.
+    pub fn chunk(&self, chunk: ModuleChunk) {
+        let app_name = chunk.app_name.clone();
+        let mut state = self.lock();
+        let wanted = state.waiters.get(&app_name).is_some_and(|w| !w.is_empty());
+        if !wanted && !state.assembler.collecting(&app_name) {
+            // Another proplet's module.
+            return;
+        }
+        let outcome = match state.assembler.add(chunk, Instant::now()) {
+            Added::Partial => return,
+            Added::Ignored(why) => {
+                debug!(app_name, why, "chunk ignored");
+                return;
+            }
+            Added::Complete(module) => {
+                info!(app_name, bytes = module.len(), "module received");
+                Ok(module)
+            }
+            Added::Failed(why) => {
+                warn!(app_name, why, "module fetch failed");
+                Err(why)
+            }
+        };
+        for waiter in state.waiters.remove(&app_name).unwrap_or_default() {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+
+    /// Drops stale partial chunk sets.
+    pub fn sweep(&self) {
+        for app_name in self.lock().assembler.sweep(Instant::now()) {
+            info!(app_name, "dropped an incomplete module after 5 minutes");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chunks(module: &[u8], size: usize) -> Vec<ModuleChunk> {
+        let total = module.len().div_ceil(size) as u32;
+        module
+            .chunks(size)
+            .enumerate()
+            .map(|(i, data)| ModuleChunk {
+                app_name: "app".into(),
+                chunk_idx: i as u32,
+                total_chunks: total,
+                data: base64::engine::general_purpose::STANDARD.encode(data),
+                error: None,
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// Any order, any duplicates: the module comes out whole, exactly once.
+        #[test]
+        fn reassembles_in_any_order(
+            module in proptest::collection::vec(any::<u8>(), 1..4000),
+            size in 1usize..700,
+            order in proptest::collection::vec(any::<prop::sample::Index>(), 0..40),
+        ) {
+            let all = chunks(&module, size);
+            let mut sequence: Vec<ModuleChunk> = order.iter().map(|i| all[i.index(all.len())].clone()).collect();
+            sequence.extend(all.iter().rev().cloned());
+            let mut assembler = Assembler::default();
+            let now = Instant::now();
+            let completed: Vec<Bytes> = sequence
+                .into_iter()
+                .filter_map(|c| match assembler.add(c, now) {
+                    Added::Complete(m) => Some(m),
+                    _ => None,
+                })
+                .collect();
+            prop_assert!(!completed.is_empty());
+            prop_assert_eq!(&completed[0][..], &module[..]);
+        }
+    }
+
+    #[test]
+    fn bad_chunks_are_ignored_and_errors_end_the_wait() {
+        let mut assembler = Assembler::default();
+        let now = Instant::now();
+        let mut chunk = chunks(b"abcdef", 2).remove(0);
+        chunk.chunk_idx = 7;
+        assert!(matches!(
+            assembler.add(chunk.clone(), now),
+            Added::Ignored(_)
+        ));
+        chunk.chunk_idx = 0;
+        chunk.data = "!!".into();
+        assert!(matches!(
+            assembler.add(chunk.clone(), now),
+            Added::Ignored(_)
+        ));
+        chunk.data = "YWI=".into();
+        assert_eq!(assembler.add(chunk.clone(), now), Added::Partial);
+        assert!(matches!(assembler.add(chunk, now), Added::Ignored(_)));
+        assert_eq!(
+            assembler.sweep(now + Duration::from_secs(299)),
+            Vec::<String>::new()
+        );
+        assert_eq!(assembler.sweep(now + KEEP_PARTIAL), vec!["app".to_owned()]);
+        let failed = assembler.add(
+            ModuleChunk {
+                app_name: "app".into(),
+                chunk_idx: 0,
+                total_chunks: 0,
+                data: String::new(),
+                error: Some("no module add.wasm".into()),
+            },
+            now,
+        );
+        assert_eq!(
+            failed,
+            Added::Failed("the proxy cannot serve it: no module add.wasm".into())
+        );
+    }
+}

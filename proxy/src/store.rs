@@ -1,0 +1,138 @@
+//! Where the proxy finds modules: a local directory, an HTTP(S) server, or
+//! both, tried in that order.
+//!
+//! An `app_name` (the task's `image_url`) maps to one file name: its last
+//! path segment without a `:tag` or `@digest`, with `.wasm` added when it has
+//! no extension. `ghcr.io/acme/add:v1`, `add` and `add.wasm` all name
+//! `add.wasm`; `https://host/mods/add.wasm` names `add.wasm` too.
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+
+use crate::http::HttpSource;
+
+/// The largest module the proxy serves.
+pub const MAX_MODULE: usize = 256 << 20;
+
+/// The file `app_name` names.
+///
+/// # Errors
+///
+/// It names no file, or one outside the store (`..`).
+pub fn file_name(app_name: &str) -> Result<String, String> {
+    let last = app_name
+        .trim()
+        .trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    let last = last.split('@').next().unwrap_or_default();
+    let last = last.split(':').next().unwrap_or_default();
+    if last.is_empty() || last == "." || last == ".." || last.contains('\\') {
+        return Err(format!(
+            "app_name {app_name:?} names no module file: write a name such as add.wasm or registry/add:v1"
+        ));
+    }
+    Ok(match last.contains('.') {
+        true => last.to_owned(),
+        false => format!("{last}.wasm"),
+    })
+}
+
+/// The module sources, in the order they are tried.
+pub struct Store {
+    /// `PROXY_MODULES_DIR`.
+    pub dir: Option<PathBuf>,
+    /// `PROXY_MODULES_URL`.
+    pub http: Option<HttpSource>,
+}
+
+impl Store {
+    /// The module `app_name` names, from the first source that has it.
+    ///
+    /// # Errors
+    ///
+    /// No source has it, or one failed; the message names the sources.
+    pub async fn fetch(&self, app_name: &str) -> Result<Bytes, String> {
+        let name = file_name(app_name)?;
+        if let Some(dir) = &self.dir {
+            let path = dir.join(&name);
+            match tokio::fs::metadata(&path).await {
+                Ok(meta) if meta.len() > MAX_MODULE as u64 => {
+                    return Err(format!(
+                        "{} is over {} MiB, the largest module the proxy serves",
+                        path.display(),
+                        MAX_MODULE >> 20
+                    ))
+                }
+                Ok(_) => {
+                    return tokio::fs::read(&path)
+                        .await
+                        .map(Bytes::from)
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            }
+        }
+        if let Some(http) = &self.http {
+            if let Some(module) = http.get(&name).await? {
+                return Ok(module);
+            }
+        }
+        let mut places = Vec::new();
+        if let Some(dir) = &self.dir {
+            places.push(format!("PROXY_MODULES_DIR={}", dir.display()));
+        }
+        if let Some(http) = &self.http {
+            places.push(format!("PROXY_MODULES_URL={}", http.base()));
+        }
+        Err(format!(
+            "no module {name} in {}: add the file, or check the task's image_url",
+            places.join(" or at ")
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_names_map_to_file_names() {
+        for (app_name, file) in [
+            ("add.wasm", "add.wasm"),
+            ("add", "add.wasm"),
+            ("ghcr.io/acme/add:v1", "add.wasm"),
+            ("localhost:5000/add", "add.wasm"),
+            ("docker.io/acme/add@sha256:abc", "add.wasm"),
+            ("https://host/mods/add.wasm", "add.wasm"),
+            ("mods/add.wasm/", "add.wasm"),
+        ] {
+            assert_eq!(file_name(app_name).as_deref(), Ok(file), "{app_name}");
+        }
+        for bad in ["", "/", "x/..", "x/.", "a\\..\\b", ":tag"] {
+            assert!(file_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_module_names_where_it_was_looked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("add.wasm"), b"\0asm").unwrap();
+        let store = Store {
+            dir: Some(dir.path().to_owned()),
+            http: None,
+        };
+        assert_eq!(
+            store.fetch("acme/add:v2").await.unwrap(),
+            Bytes::from_static(b"\0asm")
+        );
+        let error = store.fetch("sub").await.unwrap_err();
+        assert!(
+            error.starts_with("no module sub.wasm in PROXY_MODULES_DIR="),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,331 @@
+//! The three services together, as separate processes, speaking Propeller's
+//! protocol end to end in each mode: plain MQTT to mosquitto, MQTTS through
+//! the nginx edge (AUTH=key), and mTLS through the edge with its CN check
+//! (AUTH=x509).
+//!
+//! Each run shows the manager discover the proplet, then see it alive; a task
+//! whose module (1.6 MB, 4 chunks) crosses the proxy and returns 7 for
+//! add(3, 4); a trapping module reported as an error; and the proplet's
+//! SIGKILL reported by its last will within 2 seconds.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use propeller_tests::http::{api_port, request};
+use propeller_tests::{servers_available, Edge, Env, Identity, Mosquitto, Pki, ServiceProcess};
+use serde_json::{json, Value};
+
+/// Bytes of data the add module carries, so that it takes 4 chunks of 512000.
+const PADDING: usize = 1_600_000;
+
+/// `add(a, b) = a + b`, padded with a data segment of incompressible bytes.
+fn add_module() -> Vec<u8> {
+    let mut text = String::with_capacity(PADDING * 3 + 200);
+    text.push_str("(module (memory 26) (data (i32.const 0) \"");
+    let mut x: u32 = 0x9e37_79b9;
+    for _ in 0..PADDING {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        text.push_str(&format!("\\{:02x}", x as u8));
+    }
+    text.push_str(
+        "\") (func (export \"add\") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add))",
+    );
+    wat::parse_str(&text).unwrap()
+}
+
+fn trap_module() -> Vec<u8> {
+    wat::parse_str(r#"(module (func (export "divide") (param i32 i32) (result i32) local.get 0 local.get 1 i32.div_s))"#)
+        .unwrap()
+}
+
+fn spin_module() -> Vec<u8> {
+    wat::parse_str(r#"(module (func (export "spin") (loop (br 0))))"#).unwrap()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Plain,
+    /// MQTTS through the edge with AUTH=key.
+    Tls,
+    /// mTLS through the edge with AUTH=x509.
+    Mtls,
+}
+
+/// The three services and what they talk to.
+struct Deployment {
+    manager: ServiceProcess,
+    proplet: ServiceProcess,
+    proxy: ServiceProcess,
+    api: u16,
+    proplet_env: Env,
+    _modules: tempfile::TempDir,
+    _edge: Option<Edge>,
+    _broker: Mosquitto,
+}
+
+fn deploy(mode: Mode) -> Deployment {
+    let pki = Pki::shared();
+    let ids: Vec<Identity> = ["manager", "proplet", "proxy"]
+        .iter()
+        .map(|name| pki.identity(name))
+        .collect();
+    let broker = Mosquitto::for_clients(pki, &ids.iter().collect::<Vec<_>>());
+    let edge = match mode {
+        Mode::Plain => None,
+        Mode::Tls => Some(Edge::start_key(pki, broker.plain, "server")),
+        Mode::Mtls => Some(Edge::start(pki, broker.plain, "server", "ca.crt")),
+    };
+    let modules = tempfile::tempdir().unwrap();
+    std::fs::write(modules.path().join("add.wasm"), add_module()).unwrap();
+    std::fs::write(modules.path().join("divide.wasm"), trap_module()).unwrap();
+    let env = |prefix: &str, identity: &Identity| {
+        let mut env = Env::new(prefix, identity);
+        match (mode, &edge) {
+            (Mode::Plain, _) => env.plain(broker.plain),
+            (Mode::Tls, Some(edge)) => env.tls(edge.port, pki),
+            (Mode::Mtls, Some(edge)) => env.mtls(edge.port, pki, identity),
+            _ => unreachable!(),
+        };
+        env
+    };
+    let mut proxy_env = env("PROXY", &ids[2]);
+    proxy_env.path("MODULES_DIR", modules.path());
+    let proxy = ServiceProcess::start("proxy", &proxy_env.vars);
+    let mut manager_env = env("MANAGER", &ids[0]);
+    manager_env.set("LIVELINESS_INTERVAL", "1s");
+    let manager = ServiceProcess::start("manager", &manager_env.vars);
+    let api = api_port(&manager.wait_for("HTTP API listening", Duration::from_secs(20)));
+    manager.wait_for("MQTT connection established", Duration::from_secs(20));
+    proxy.wait_for("MQTT connection established", Duration::from_secs(20));
+    let mut proplet_env = env("PROPLET", &ids[1]);
+    proplet_env.set("LIVELINESS_INTERVAL", "1s");
+    let proplet = ServiceProcess::start("proplet", &proplet_env.vars);
+    Deployment {
+        manager,
+        proplet,
+        proxy,
+        api,
+        proplet_env,
+        _modules: modules,
+        _edge: edge,
+        _broker: broker,
+    }
+}
+
+/// Polls `GET /tasks/{id}` until the task has finished.
+fn finished_task(api: u16, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, task) = request(api, "GET", &format!("/tasks/{id}"), None);
+        assert_eq!(status, 200, "{task}");
+        if task.get("finished_at").is_some() {
+            return task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task not finished within {timeout:?}: {task}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_task(api: u16, task: Value) -> String {
+    let (status, created) = request(api, "POST", "/tasks", Some(&task));
+    assert_eq!(status, 201, "{created}");
+    created["id"].as_str().unwrap().to_owned()
+}
+
+fn services_work_together(test: &str, mode: Mode) {
+    if !servers_available(test) {
+        return;
+    }
+    let deployment = deploy(mode);
+    let (manager, api) = (&deployment.manager, deployment.api);
+
+    // Discovered, then alive: each logged once.
+    let discovered = manager.wait_for("proplet discovered", Duration::from_secs(20));
+    assert!(discovered.contains("proplet-client"), "{discovered}");
+    manager.wait_for("proplet alive", Duration::from_secs(20));
+    let log = manager.output();
+    assert!(
+        log.find("proplet discovered") < log.find("proplet alive"),
+        "{log}"
+    );
+    let (_, proplets) = request(api, "GET", "/proplets", None);
+    assert_eq!(
+        proplets["proplets"][0]["id"], "proplet-client",
+        "{proplets}"
+    );
+    assert_eq!(proplets["proplets"][0]["state"], "alive", "{proplets}");
+    let (status, health) = request(api, "GET", "/health", None);
+    assert_eq!(
+        (status, &health["mqtt"]["state"]),
+        (200, &json!("connected")),
+        "{health}"
+    );
+
+    // A module fetched through the proxy, in 4 chunks.
+    let id = start_task(
+        api,
+        json!({"name": "add", "inputs": [3, 4], "image_url": "registry.example/acme/add:v1"}),
+    );
+    let task = finished_task(api, &id, Duration::from_secs(60));
+    assert_eq!(task["state"], "completed", "{task}");
+    assert_eq!(task["results"], 7, "{task}");
+    assert_eq!(task["proplet_id"], "proplet-client", "{task}");
+    let sent = deployment
+        .proxy
+        .wait_for("module sent", Duration::from_secs(5));
+    assert!(sent.contains("chunks=4"), "{sent}");
+    let received = deployment
+        .proplet
+        .wait_for("module received", Duration::from_secs(5));
+    let size = std::fs::metadata(deployment._modules.path().join("add.wasm"))
+        .unwrap()
+        .len();
+    assert!(size >= 1_500_000, "the test module is only {size} bytes");
+    assert!(received.contains(&format!("bytes={size}")), "{received}");
+
+    // A trap is the task's error, and the proplet carries on.
+    let id = start_task(
+        api,
+        json!({"name": "divide", "inputs": [1, 0], "image_url": "divide.wasm"}),
+    );
+    let task = finished_task(api, &id, Duration::from_secs(30));
+    assert_eq!(task["state"], "failed", "{task}");
+    let error = task["error"].as_str().unwrap();
+    assert!(
+        error.contains("trapped") && error.contains("divi"),
+        "{error}"
+    );
+
+    // SIGKILL: no DISCONNECT, so the broker publishes the will.
+    let mut deployment = deployment;
+    deployment.proplet.signal("KILL");
+    let killed = Instant::now();
+    deployment
+        .manager
+        .wait_for("last will", Duration::from_secs(5));
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(2), "offline after {took:?}");
+    let (_, proplets) = request(api, "GET", "/proplets", None);
+    assert_eq!(proplets["proplets"][0]["state"], "offline", "{proplets}");
+    println!("{mode:?}: offline {took:?} after SIGKILL; module of {size} bytes in 4 chunks");
+
+    // A restarted proplet announces itself again.
+    deployment.proplet = ServiceProcess::start("proplet", &deployment.proplet_env.vars);
+    deployment
+        .manager
+        .wait_for_count("proplet alive", 2, Duration::from_secs(20));
+}
+
+#[test]
+fn services_work_together_over_plain_mqtt() {
+    services_work_together("services_work_together_over_plain_mqtt", Mode::Plain);
+}
+
+#[test]
+fn services_work_together_over_mqtts_through_the_edge() {
+    services_work_together(
+        "services_work_together_over_mqtts_through_the_edge",
+        Mode::Tls,
+    );
+}
+
+#[test]
+fn services_work_together_over_mtls_through_the_edge() {
+    services_work_together(
+        "services_work_together_over_mtls_through_the_edge",
+        Mode::Mtls,
+    );
+}
+
+/// Inline modules, a module the proxy lacks, a stop, and the API's refusals.
+#[test]
+fn tasks_fail_and_stop_cleanly() {
+    if !servers_available("tasks_fail_and_stop_cleanly") {
+        return;
+    }
+    let deployment = deploy(Mode::Plain);
+    let api = deployment.api;
+    deployment
+        .manager
+        .wait_for("proplet alive", Duration::from_secs(20));
+    let encode = |module: &[u8]| base64::engine::general_purpose::STANDARD.encode(module);
+
+    // An unknown module ends the proplet's wait at once, not after 60 s.
+    let started = Instant::now();
+    let id = start_task(
+        api,
+        json!({"name": "add", "inputs": [1, 2], "image_url": "missing:v1"}),
+    );
+    let task = finished_task(api, &id, Duration::from_secs(20));
+    assert_eq!(task["state"], "failed", "{task}");
+    assert!(
+        task["error"]
+            .as_str()
+            .unwrap()
+            .contains("no module missing.wasm"),
+        "{task}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    deployment
+        .proxy
+        .wait_for("cannot serve the module", Duration::from_secs(5));
+
+    // An inline module that never returns, stopped through the API.
+    let id = start_task(api, json!({"name": "spin", "file": encode(&spin_module())}));
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, body) = request(api, "POST", &format!("/tasks/{id}/stop"), None);
+    assert_eq!(status, 202, "{body}");
+    let task = finished_task(api, &id, Duration::from_secs(10));
+    assert_eq!(task["state"], "stopped", "{task}");
+    assert_eq!(task["error"], "stopped by the manager", "{task}");
+
+    // Inline and fine.
+    let add = wat::parse_str(r#"(module (func (export "add") (param i64 i64) (result i64) local.get 0 local.get 1 i64.add))"#).unwrap();
+    let id = start_task(
+        api,
+        json!({"name": "add", "inputs": [40, 2], "file": encode(&add)}),
+    );
+    assert_eq!(
+        finished_task(api, &id, Duration::from_secs(10))["results"],
+        42
+    );
+
+    // Refusals name the problem.
+    for (body, status, needle) in [
+        (json!({"name": "add"}), 400, "give image_url"),
+        (
+            json!({"name": "add", "file": "%%%"}),
+            400,
+            "not valid base64",
+        ),
+        (
+            json!({"name": "add", "image_url": "a", "inputs": ["x"]}),
+            400,
+            "inputs must be numbers",
+        ),
+        (
+            json!({"name": "add", "image_url": "a", "proplet_id": "nobody"}),
+            404,
+            "no proplet nobody",
+        ),
+        (json!({"nam": "add"}), 400, "unknown field"),
+    ] {
+        let (got, answer) = request(api, "POST", "/tasks", Some(&body));
+        assert_eq!(got, status, "{body} -> {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(needle),
+            "{answer}"
+        );
+    }
+    let (status, _) = request(api, "GET", "/tasks/none", None);
+    assert_eq!(status, 404);
+    let (status, _) = request(api, "DELETE", "/proplets", None);
+    assert_eq!(status, 405);
+    assert!(Path::new(&deployment._modules.path().join("add.wasm")).exists());
+}
