@@ -8,6 +8,7 @@ use std::process::Command;
 
 use propeller_mqtt::config::VARIABLES;
 use propeller_mqtt::service::HEALTH_FILE;
+use propeller_mqtt::Service;
 use propeller_tests::{servers_available, Pki, INSTALL};
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -29,10 +30,14 @@ fn read(file: &str) -> String {
 
 /// Is `name` a variable the service with `prefix` reads?
 fn known(prefix: &str, name: &str) -> bool {
+    let service = Service::ALL
+        .into_iter()
+        .find(|s| s.prefix() == prefix)
+        .expect("a service prefix");
     name == HEALTH_FILE
-        || name
-            .strip_prefix(prefix)
-            .is_some_and(|suffix| VARIABLES.contains(&suffix))
+        || name.strip_prefix(prefix).is_some_and(|suffix| {
+            VARIABLES.contains(&suffix) || service.settings().contains(&suffix)
+        })
 }
 
 /// Every `MANAGER_X`, `PROPLET_X`, `PROXY_X` token in `text`, commented or not.
