@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use propeller_tests::http::{api_port, request};
-use propeller_tests::{servers_available, Edge, Env, Identity, Mosquitto, Pki, ServiceProcess};
+use propeller_tests::{
+    servers_available, Edge, Env, FileServer, Identity, Mosquitto, Pki, ServiceProcess,
+};
 use serde_json::{json, Value};
 
 /// Bytes of data the add module carries, so that it takes 4 chunks of 512000.
@@ -67,6 +69,12 @@ struct Deployment {
 }
 
 fn deploy(mode: Mode) -> Deployment {
+    deploy_with(mode, |_, _| {})
+}
+
+/// A deployment whose proxy env `proxy` may change; it reads the module
+/// directory by default.
+fn deploy_with(mode: Mode, proxy: impl FnOnce(&mut Env, &Path)) -> Deployment {
     let pki = Pki::shared();
     let ids: Vec<Identity> = ["manager", "proplet", "proxy"]
         .iter()
@@ -93,6 +101,7 @@ fn deploy(mode: Mode) -> Deployment {
     };
     let mut proxy_env = env("PROXY", &ids[2]);
     proxy_env.path("MODULES_DIR", modules.path());
+    proxy(&mut proxy_env, modules.path());
     let proxy = ServiceProcess::start("proxy", &proxy_env.vars);
     let mut manager_env = env("MANAGER", &ids[0]);
     manager_env.set("LIVELINESS_INTERVAL", "1s");
@@ -328,4 +337,49 @@ fn tasks_fail_and_stop_cleanly() {
     let (status, _) = request(api, "DELETE", "/proplets", None);
     assert_eq!(status, 405);
     assert!(Path::new(&deployment._modules.path().join("add.wasm")).exists());
+}
+
+/// `PROXY_MODULES_URL` over HTTPS, verified with `PROXY_MODULES_CA_CERT`;
+/// with the wrong CA the download fails, and the task says why.
+#[test]
+fn the_proxy_downloads_modules_over_https() {
+    if !servers_available("the_proxy_downloads_modules_over_https") {
+        return;
+    }
+    let pki = Pki::shared();
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("add.wasm"), add_module()).unwrap();
+    let server = FileServer::start_https(pki, files.path());
+    for (ca, expect_results) in [("ca.crt", true), ("other-ca.crt", false)] {
+        let deployment = deploy_with(Mode::Plain, |env, _| {
+            env.vars.retain(|(name, _)| name != "PROXY_MODULES_DIR");
+            env.set(
+                "MODULES_URL",
+                &format!("https://127.0.0.1:{}/mods", server.port),
+            )
+            .path("MODULES_CA_CERT", &pki.path(ca));
+        });
+        deployment
+            .manager
+            .wait_for("proplet alive", Duration::from_secs(20));
+        let id = start_task(
+            deployment.api,
+            json!({"name": "add", "inputs": [3, 4], "image_url": "ghcr.io/acme/add:v1"}),
+        );
+        let task = finished_task(deployment.api, &id, Duration::from_secs(60));
+        if expect_results {
+            assert_eq!(task["results"], 7, "{task}");
+            let sent = deployment
+                .proxy
+                .wait_for("module sent", Duration::from_secs(5));
+            assert!(sent.contains("chunks=4"), "{sent}");
+        } else {
+            assert_eq!(task["state"], "failed", "{task}");
+            let error = task["error"].as_str().unwrap();
+            assert!(
+                error.contains("GET https://127.0.0.1:") && error.contains("TLS handshake failed"),
+                "{error}"
+            );
+        }
+    }
 }

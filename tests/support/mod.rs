@@ -22,7 +22,7 @@ use std::path::Path;
 pub use pki::{Identity, Pki, KEY_PASSWORD};
 pub use process::ServiceProcess;
 pub use relay::Relay;
-pub use servers::{accounts, free_ports, Account, BrokerOptions, Edge, Mosquitto};
+pub use servers::{accounts, free_ports, Account, BrokerOptions, Edge, FileServer, Mosquitto};
 
 pub const INSTALL: &str =
     "apt-get install -y openssl mosquitto nginx libnginx-mod-stream libnginx-mod-stream-js";

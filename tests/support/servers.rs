@@ -341,3 +341,57 @@ pub fn accounts(identities: &[&Identity], topics: &str) -> Vec<Account> {
         })
         .collect()
 }
+
+/// nginx serving the files of `root` over HTTPS with `server.crt`: the
+/// proxy's module source in `PROXY_MODULES_URL` tests.
+pub struct FileServer {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl FileServer {
+    pub fn start_https(pki: &Pki, root: &Path) -> FileServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let [port] = free_ports();
+        let run = dir.path().display();
+        let config = format!(
+            "daemon off;\nmaster_process off;\npid {run}/nginx.pid;\nerror_log {run}/error.log;\nevents {{}}\n\
+             http {{\n access_log off;\n client_body_temp_path {run}/body;\n proxy_temp_path {run}/proxy;\n\
+             fastcgi_temp_path {run}/fastcgi;\n uwsgi_temp_path {run}/uwsgi;\n scgi_temp_path {run}/scgi;\n\
+             types {{ application/wasm wasm; }}\n\
+             server {{\n  listen 127.0.0.1:{port} ssl;\n  ssl_certificate {};\n  ssl_certificate_key {};\n  location /mods/ {{ alias {}/; }}\n }}\n}}\n",
+            pki.path("server.crt").display(),
+            pki.path("server.key").display(),
+            root.display(),
+        );
+        let config_path = dir.path().join("nginx.conf");
+        std::fs::write(&config_path, config).unwrap();
+        let error_log = dir.path().join("error.log");
+        let child = Command::new("nginx")
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(&error_log)
+            .arg("-c")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let mut server = FileServer {
+            port,
+            child,
+            _dir: dir,
+        };
+        wait_ports(&mut server.child, &[port], &error_log, "nginx");
+        server
+    }
+}
+
+impl Drop for FileServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
