@@ -178,15 +178,15 @@ impl Manager {
                                 }
                                 match &task.error {
                                     None => {
-                                        info!(task_id, results = %task.results, "task completed")
+                                        info!(%task_id, results = %task.results, "task completed")
                                     }
                                     Some(error) => {
-                                        info!(task_id, state = ?task.state, error, "task failed")
+                                        info!(%task_id, state = ?task.state, error, "task failed")
                                     }
                                 }
                             }
                             None => info!(
-                                task_id,
+                                %task_id,
                                 "result for a task this manager did not start, or already finished"
                             ),
                         }

@@ -115,7 +115,7 @@ impl Registry {
 
     fn entry(&mut self, id: &str, now: Instant) -> &mut Proplet {
         self.proplets.entry(id.to_owned()).or_insert_with(|| {
-            info!(proplet_id = id, "proplet discovered");
+            info!(proplet_id = %id, "proplet discovered");
             Proplet {
                 id: id.to_owned(),
                 state: Liveness::Discovered,

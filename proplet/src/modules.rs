@@ -190,7 +190,7 @@ impl Modules {
         })
         .unwrap_or_default();
         info!(
-            app_name,
+            %app_name,
             topic = topic::REGISTRY_REQUEST,
             "asking the proxy for the module"
         );
@@ -214,15 +214,15 @@ impl Modules {
         let outcome = match state.assembler.add(chunk, Instant::now()) {
             Added::Partial => return,
             Added::Ignored(why) => {
-                debug!(app_name, why, "chunk ignored");
+                debug!(%app_name, why, "chunk ignored");
                 return;
             }
             Added::Complete(module) => {
-                info!(app_name, bytes = module.len(), "module received");
+                info!(%app_name, bytes = module.len(), "module received");
                 Ok(module)
             }
             Added::Failed(why) => {
-                warn!(app_name, why, "module fetch failed");
+                warn!(%app_name, why, "module fetch failed");
                 Err(why)
             }
         };
@@ -234,7 +234,7 @@ impl Modules {
     /// Drops stale partial chunk sets.
     pub fn sweep(&self) {
         for app_name in self.lock().assembler.sweep(Instant::now()) {
-            info!(app_name, "dropped an incomplete module after 5 minutes");
+            info!(%app_name, "dropped an incomplete module after 5 minutes");
         }
     }
 

@@ -142,7 +142,7 @@ struct Proxy {
 
 impl Proxy {
     async fn answer(&self, app_name: String) {
-        info!(app_name, "module requested");
+        info!(%app_name, "module requested");
         let fetch = self.lock().entry(app_name.clone()).or_default().clone();
         let module = fetch
             .get_or_init(|| self.store.fetch(&app_name))
@@ -165,7 +165,7 @@ impl Proxy {
         match module {
             Ok(module) => self.send(app_name, &module).await,
             Err(error) => {
-                warn!(app_name, error, "cannot serve the module");
+                warn!(%app_name, error, "cannot serve the module");
                 self.publish(ModuleChunk {
                     app_name,
                     chunk_idx: 0,
@@ -191,7 +191,7 @@ impl Proxy {
             .await;
         }
         info!(
-            app_name,
+            %app_name,
             bytes = module.len(),
             chunks = total,
             "module sent"
