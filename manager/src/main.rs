@@ -17,7 +17,7 @@ use hyper::StatusCode;
 use propeller_mqtt::config::value;
 use propeller_mqtt::config::Channel;
 use propeller_mqtt::protocol::{
-    self, topic, PropletAlive, PropletCreate, StartTask, StopTask, TaskResult,
+    self, payload, topic, PropletAlive, PropletCreate, StartTask, StopTask, TaskResult,
 };
 use propeller_mqtt::service::{self, Context};
 use propeller_mqtt::{Client, Config, ConnectionState, Error, Message, Service};
@@ -38,13 +38,11 @@ impl Settings {
     /// that a port in use is reported before connecting.
     fn prepare(config: &mut Config) -> Result<Self, Error> {
         let settings = &config.settings;
-        let liveliness =
-            settings.parse("LIVELINESS_INTERVAL", Duration::from_secs(10), |text| {
-                match value::duration(text)? {
-                    d if d.is_zero() => Err("it must be more than zero, such as 10s".to_owned()),
-                    d => Ok(d),
-                }
-            })?;
+        let liveliness = settings.parse(
+            "LIVELINESS_INTERVAL",
+            Duration::from_secs(10),
+            value::positive_duration,
+        )?;
         let host = settings.get("HTTP_HOST").unwrap_or("0.0.0.0");
         let port = settings.parse("HTTP_PORT", 7070, |text| {
             text.parse::<u16>()
@@ -130,6 +128,24 @@ struct State {
     tasks: Tasks,
 }
 
+impl State {
+    /// A proplet's result: the task is done, and its proplet has one less.
+    fn finish(&mut self, result: TaskResult) {
+        let task_id = result.task_id.clone();
+        let Some(task) = self.tasks.finish(result) else {
+            info!(%task_id, "result for a task this manager did not start, or already finished");
+            return;
+        };
+        if let Some(proplet) = self.registry.get_mut(&task.proplet_id) {
+            proplet.running_tasks = proplet.running_tasks.saturating_sub(1);
+        }
+        match &task.error {
+            None => info!(%task_id, results = %task.results, "task completed"),
+            Some(error) => info!(%task_id, state = ?task.state, error, "task failed"),
+        }
+    }
+}
+
 impl Manager {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -137,11 +153,7 @@ impl Manager {
 
     /// Everything on the channel arrives here; what is not for us is ignored.
     fn receive(&self, message: Message) {
-        let Some(suffix) = message
-            .topic
-            .strip_prefix(&self.channel.base())
-            .and_then(|s| s.strip_prefix('/'))
-        else {
+        let Some(suffix) = self.channel.suffix(&message.topic) else {
             return;
         };
         let now = Instant::now();
@@ -168,29 +180,7 @@ impl Manager {
             }
             topic::PROPLET_RESULTS => {
                 match serde_json::from_slice::<TaskResult>(&message.payload) {
-                    Ok(result) => {
-                        let task_id = result.task_id.clone();
-                        let State { registry, tasks } = &mut *state;
-                        match tasks.finish(result) {
-                            Some(task) => {
-                                if let Some(proplet) = registry.get_mut(&task.proplet_id) {
-                                    proplet.running_tasks = proplet.running_tasks.saturating_sub(1);
-                                }
-                                match &task.error {
-                                    None => {
-                                        info!(%task_id, results = %task.results, "task completed")
-                                    }
-                                    Some(error) => {
-                                        info!(%task_id, state = ?task.state, error, "task failed")
-                                    }
-                                }
-                            }
-                            None => info!(
-                                %task_id,
-                                "result for a task this manager did not start, or already finished"
-                            ),
-                        }
-                    }
+                    Ok(result) => state.finish(result),
                     Err(error) => warn!(%error, "ignoring a malformed task result"),
                 }
             }
@@ -341,10 +331,9 @@ impl Manager {
             env: None,
             proplet_id: Some(task.proplet_id.clone()),
         };
-        let payload = serde_json::to_vec(&start).unwrap_or_default();
         match self
             .client
-            .publish(self.channel.topic(topic::MANAGER_START), payload)
+            .publish(self.channel.topic(topic::MANAGER_START), payload(&start))
             .await
         {
             Ok(delivery) => {
@@ -402,10 +391,9 @@ impl Manager {
             broadcast: false,
             proplet_id: Some(proplet_id),
         };
-        let payload = serde_json::to_vec(&stop).unwrap_or_default();
         match self
             .client
-            .publish(self.channel.topic(topic::MANAGER_STOP), payload)
+            .publish(self.channel.topic(topic::MANAGER_STOP), payload(&stop))
             .await
         {
             Ok(_) => {

@@ -5,6 +5,7 @@
 //! Inbound payloads are parsed leniently (absent fields take defaults,
 //! unknown fields are ignored), as upstream's Go services do.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -24,6 +25,13 @@ pub mod topic {
     pub const REGISTRY_REQUEST: &str = "registry/proplet";
     /// The proxy answers with chunks of the module.
     pub const REGISTRY_CHUNK: &str = "registry/server";
+}
+
+/// The JSON payload of `message`, as published.
+pub fn payload(message: &impl Serialize) -> Bytes {
+    // Our payload types are plain structs of strings, numbers and JSON
+    // values: serialising them cannot fail.
+    Bytes::from(serde_json::to_vec(message).unwrap_or_default())
 }
 
 /// `status` of an alive message from a running proplet.

@@ -50,14 +50,10 @@ where
             return ExitCode::from(2);
         }
     };
-    let (config, settings) = match configure(service, env_file, prepare) {
-        Ok(configured) => configured,
-        Err(error) => {
-            eprintln!("{service}: configuration error: {}", one_line(&error));
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    match serve(config, settings, main) {
+    let outcome = configure(service, env_file, prepare)
+        .map_err(Stopped::Config)
+        .and_then(|(config, settings)| serve(config, settings, main));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(Stopped::Config(error)) => {
             eprintln!("{service}: configuration error: {}", one_line(&error));
@@ -71,9 +67,10 @@ where
     }
 }
 
-/// Why [`serve`] returned early.
+/// Why a service did not run to a clean shutdown.
 enum Stopped {
-    /// The TLS files, read as the client starts.
+    /// The variables, the env and config files, the service's own settings,
+    /// or the TLS files the client reads as it starts.
     Config(Error),
     /// The service's own logic gave up.
     Failed(Error),

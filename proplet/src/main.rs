@@ -13,8 +13,10 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use propeller_mqtt::config::value;
+use propeller_mqtt::config::Channel;
 use propeller_mqtt::protocol::{
-    self, addressed_to, topic, PropletAlive, PropletCreate, StartTask, StopTask, TaskResult,
+    self, addressed_to, payload, topic, PropletAlive, PropletCreate, StartTask, StopTask,
+    TaskResult,
 };
 use propeller_mqtt::service::{self, Context};
 use propeller_mqtt::{Client, Config, ConnectionState, Error, LastWill, Message, Service};
@@ -37,17 +39,20 @@ impl Settings {
     /// Reads `PROPLET_LIVELINESS_INTERVAL` and `PROPLET_TASK_TIMEOUT`, and
     /// sets the last will that tells the manager we died.
     fn prepare(config: &mut Config) -> Result<Self, Error> {
-        let positive = |text: &str| match value::duration(text)? {
-            d if d.is_zero() => Err("it must be more than zero, such as 10s".to_owned()),
-            d => Ok(d),
-        };
         let settings = &config.settings;
-        let liveliness =
-            settings.parse("LIVELINESS_INTERVAL", Duration::from_secs(10), positive)?;
-        let timeout = settings.parse("TASK_TIMEOUT", Duration::from_secs(300), positive)?;
+        let liveliness = settings.parse(
+            "LIVELINESS_INTERVAL",
+            Duration::from_secs(10),
+            value::positive_duration,
+        )?;
+        let timeout = settings.parse(
+            "TASK_TIMEOUT",
+            Duration::from_secs(300),
+            value::positive_duration,
+        )?;
         config.last_will = Some(LastWill {
             topic: config.channel.topic(topic::PROPLET_ALIVE),
-            payload: json(&PropletAlive {
+            payload: payload(&PropletAlive {
                 proplet_id: config.client_id.clone(),
                 status: protocol::OFFLINE.to_owned(),
                 namespace: String::new(),
@@ -76,7 +81,7 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
             context.client.clone(),
             config.channel.topic(topic::REGISTRY_REQUEST),
         ),
-        results_topic: config.channel.topic(topic::PROPLET_RESULTS),
+        channel: config.channel.clone(),
         limits: settings.limits,
     };
     let create_topic = config.channel.topic(topic::PROPLET_CREATE);
@@ -102,7 +107,7 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
                 .cloned()
                 .unwrap_or_default(),
             };
-            proplet.send(&create_topic, json(&create)).await;
+            proplet.send(&create_topic, payload(&create)).await;
             heartbeat.reset_immediately();
             announce = false;
         }
@@ -121,7 +126,7 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
                         status: protocol::ALIVE.to_owned(),
                         namespace: String::new(),
                     };
-                    proplet.send(&alive_topic, json(&alive)).await;
+                    proplet.send(&alive_topic, payload(&alive)).await;
                 }
             }
             _ = sweep.tick() => proplet.modules.sweep(),
@@ -139,7 +144,7 @@ struct Proplet {
     id: String,
     client: Client,
     modules: Modules,
-    results_topic: String,
+    channel: Channel,
     limits: runtime::Limits,
 }
 
@@ -150,17 +155,15 @@ impl Proplet {
         tasks: &mut HashMap<String, watch::Sender<bool>>,
         finished: &mpsc::UnboundedSender<String>,
     ) {
-        let suffix = message.topic.rsplitn(3, '/').collect::<Vec<_>>();
-        let suffix = match suffix.as_slice() {
-            [last, middle, _] => format!("{middle}/{last}"),
-            _ => return,
-        };
-        match suffix.as_str() {
-            "manager/start" => match serde_json::from_slice::<StartTask>(&message.payload) {
-                Ok(task) => self.start(task, tasks, finished),
-                Err(error) => warn!(%error, "ignoring a start message that is not a task"),
-            },
-            "manager/stop" => match serde_json::from_slice::<StopTask>(&message.payload) {
+        match self.channel.suffix(&message.topic) {
+            Some(topic::MANAGER_START) => {
+                match serde_json::from_slice::<StartTask>(&message.payload) {
+                    Ok(task) => self.start(task, tasks, finished),
+                    Err(error) => warn!(%error, "ignoring a start message that is not a task"),
+                }
+            }
+            Some(topic::MANAGER_STOP) => match serde_json::from_slice::<StopTask>(&message.payload)
+            {
                 Ok(stop) if addressed_to(stop.broadcast, stop.proplet_id.as_deref(), &self.id) => {
                     if let Some(cancel) = tasks.get(&stop.id) {
                         info!(task_id = %stop.id, "stopping task");
@@ -170,7 +173,7 @@ impl Proplet {
                 Ok(_) => {}
                 Err(error) => warn!(%error, "ignoring a stop message that is not a stop"),
             },
-            "registry/server" => match serde_json::from_slice(&message.payload) {
+            Some(topic::REGISTRY_CHUNK) => match serde_json::from_slice(&message.payload) {
                 Ok(chunk) => self.modules.chunk(chunk),
                 Err(error) => warn!(%error, "ignoring a registry message that is not a chunk"),
             },
@@ -211,7 +214,8 @@ impl Proplet {
                 results,
                 error,
             };
-            proplet.send(&proplet.results_topic, json(&result)).await;
+            let results_topic = proplet.channel.topic(topic::PROPLET_RESULTS);
+            proplet.send(&results_topic, payload(&result)).await;
             let _ = finished.send(task.id);
         });
     }
@@ -246,8 +250,4 @@ impl Proplet {
             warn!(topic, "cannot publish: {error}");
         }
     }
-}
-
-fn json(value: &impl serde::Serialize) -> Bytes {
-    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use propeller_mqtt::protocol::{topic, ModuleChunk, ModuleRequest};
+use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleRequest};
 use propeller_mqtt::{Client, Error};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -28,6 +28,17 @@ struct Partial {
     received: usize,
     bytes: usize,
     started: Instant,
+}
+
+impl Partial {
+    fn new(total: usize, now: Instant) -> Self {
+        Self {
+            chunks: vec![None; total],
+            received: 0,
+            bytes: 0,
+            started: now,
+        }
+    }
 }
 
 /// What a chunk did.
@@ -68,20 +79,10 @@ impl Assembler {
         let partial = self
             .partial
             .entry(chunk.app_name.clone())
-            .or_insert_with(|| Partial {
-                chunks: vec![None; total],
-                received: 0,
-                bytes: 0,
-                started: now,
-            });
+            .or_insert_with(|| Partial::new(total, now));
         if partial.chunks.len() != total {
             // The module changed at the proxy between two requests: start over.
-            *partial = Partial {
-                chunks: vec![None; total],
-                received: 0,
-                bytes: 0,
-                started: now,
-            };
+            *partial = Partial::new(total, now);
         }
         if partial.chunks[index].is_some() {
             return Added::Ignored(format!("chunk {index} is a duplicate"));
@@ -185,10 +186,9 @@ impl Modules {
     }
 
     async fn request(&self, app_name: &str) -> Result<(), Error> {
-        let payload = serde_json::to_vec(&ModuleRequest {
+        let payload = payload(&ModuleRequest {
             app_name: app_name.to_owned(),
-        })
-        .unwrap_or_default();
+        });
         info!(
             %app_name,
             topic = topic::REGISTRY_REQUEST,

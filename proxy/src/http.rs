@@ -71,6 +71,13 @@ impl BaseUrl {
     }
 }
 
+impl BaseUrl {
+    /// Whether downloads need TLS.
+    pub fn is_https(&self) -> bool {
+        self.tls
+    }
+}
+
 impl std::fmt::Display for BaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let scheme = if self.tls { "https" } else { "http" };

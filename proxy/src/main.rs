@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use base64::Engine as _;
 use bytes::Bytes;
 use propeller_mqtt::config::value;
-use propeller_mqtt::protocol::{topic, ModuleChunk, ModuleRequest};
+use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleRequest};
 use propeller_mqtt::service::{self, Context};
 use propeller_mqtt::{Client, Config, Error, Service};
 use tokio::sync::OnceCell;
@@ -53,7 +53,7 @@ impl Settings {
         let url = settings.parse("MODULES_URL", None, |text| BaseUrl::parse(text).map(Some))?;
         let ca = settings.get("MODULES_CA_CERT").map(PathBuf::from);
         let http = match url {
-            Some(url) if url.to_string().starts_with("https:") => {
+            Some(url) if url.is_https() => {
                 let (tls, _) = propeller_mqtt::tls::https_client_config(
                     settings.var("MODULES_CA_CERT"),
                     ca.as_deref(),
@@ -199,8 +199,11 @@ impl Proxy {
     }
 
     async fn publish(&self, chunk: ModuleChunk) {
-        let payload = serde_json::to_vec(&chunk).unwrap_or_default();
-        if let Err(error) = self.client.publish(self.chunk_topic.clone(), payload).await {
+        if let Err(error) = self
+            .client
+            .publish(self.chunk_topic.clone(), payload(&chunk))
+            .await
+        {
             warn!(app_name = %chunk.app_name, chunk = chunk.chunk_idx, "cannot publish a chunk: {error}");
         }
     }

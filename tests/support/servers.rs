@@ -255,23 +255,8 @@ impl Edge {
             .status()
             .expect("run docker/nginx/render.sh");
         assert!(status.success(), "render.sh failed");
-        let error_log = dir.path().join("error.log");
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(&error_log)
-            .arg("-c")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("stderr.log")).unwrap(),
-            ))
-            .spawn()
-            .expect("start nginx");
-        let mut edge = Edge { port, child, dir };
-        wait_ports(&mut edge.child, &[port], &error_log, "nginx");
-        edge
+        let child = start_nginx(dir.path(), &config_path, port);
+        Edge { port, child, dir }
     }
 
     /// nginx's error log so far.
@@ -285,6 +270,26 @@ impl Drop for Edge {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// nginx with `config`, its logs in `dir`, once it listens on `port`.
+fn start_nginx(dir: &Path, config: &Path, port: u16) -> Child {
+    let error_log = dir.join("error.log");
+    let mut child = Command::new("nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(&error_log)
+        .arg("-c")
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.join("stderr.log")).unwrap(),
+        ))
+        .spawn()
+        .expect("start nginx");
+    wait_ports(&mut child, &[port], &error_log, "nginx");
+    child
 }
 
 /// Where Debian's mosquitto package puts the dynamic-security plugin.
@@ -367,25 +372,12 @@ impl FileServer {
         );
         let config_path = dir.path().join("nginx.conf");
         std::fs::write(&config_path, config).unwrap();
-        let error_log = dir.path().join("error.log");
-        let child = Command::new("nginx")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-e")
-            .arg(&error_log)
-            .arg("-c")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        let mut server = FileServer {
+        let child = start_nginx(dir.path(), &config_path, port);
+        FileServer {
             port,
             child,
             _dir: dir,
-        };
-        wait_ports(&mut server.child, &[port], &error_log, "nginx");
-        server
+        }
     }
 }
 

@@ -186,6 +186,17 @@ impl Channel {
     pub fn topic(&self, suffix: &str) -> String {
         format!("{}/{suffix}", self.base())
     }
+
+    /// The inverse of [`Channel::topic`]: the part of `topic` after the base,
+    /// or `None` for a topic of another channel.
+    pub fn suffix<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        topic
+            .strip_prefix("m/")?
+            .strip_prefix(self.domain_id.as_str())?
+            .strip_prefix("/c/")?
+            .strip_prefix(self.channel_id.as_str())?
+            .strip_prefix('/')
+    }
 }
 
 /// Everything a service reads from its environment, parsed and checked.
@@ -238,9 +249,9 @@ pub struct LastWill {
 
 /// The variables of [`Service::settings`], for the service to parse; every
 /// parse names the variable in its error.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Settings {
-    service: Option<Service>,
+    service: Service,
     values: HashMap<String, String>,
 }
 
@@ -273,10 +284,7 @@ impl Settings {
 
     /// The full name of `suffix`, e.g. `PROXY_CHUNK_SIZE`.
     pub fn var(&self, suffix: &str) -> String {
-        match self.service {
-            Some(service) => service.var(suffix),
-            None => suffix.to_owned(),
-        }
+        self.service.var(suffix)
     }
 }
 
@@ -393,10 +401,7 @@ impl Config {
             })?;
         let mut config = Parser { service }.parse(raw)?;
         config.unknown = unknown;
-        config.settings = Settings {
-            service: Some(service),
-            values: settings,
-        };
+        config.settings.values = settings;
         Ok(config)
     }
 
@@ -476,10 +481,7 @@ impl Parser {
             .value(
                 "MQTT_TIMEOUT",
                 raw.mqtt_timeout.as_deref(),
-                |text| match value::duration(text)? {
-                    d if d.is_zero() => Err("the timeout must be more than zero".to_owned()),
-                    d => Ok(d),
-                },
+                value::positive_duration,
             )?
             .unwrap_or(Duration::from_secs(30));
         let keep_alive = self
@@ -531,7 +533,10 @@ impl Parser {
             max_packet_size,
             outbox_limit,
             unknown: Vec::new(),
-            settings: Settings::default(),
+            settings: Settings {
+                service: self.service,
+                values: HashMap::new(),
+            },
             last_will: None,
             log_level: raw.log_level.unwrap_or_else(|| "info".to_owned()),
         })

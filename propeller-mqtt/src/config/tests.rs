@@ -257,6 +257,18 @@ fn a_list_of_brokers() {
 }
 
 #[test]
+fn channel_suffix_is_the_inverse_of_topic() {
+    let channel = Channel {
+        domain_id: "d".into(),
+        channel_id: "c".into(),
+    };
+    let topic = channel.topic("control/proplet/alive");
+    assert_eq!(channel.suffix(&topic), Some("control/proplet/alive"));
+    assert_eq!(channel.suffix("m/d/c/other/control/proplet/alive"), None);
+    assert_eq!(channel.suffix("m/d/c/c"), None);
+}
+
+#[test]
 fn every_listed_variable_is_read_and_others_are_reported() {
     // RawEnv denies unknown fields: a listed name it lacks would fail here.
     let all: Vec<(String, String)> = VARIABLES

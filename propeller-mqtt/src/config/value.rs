@@ -47,6 +47,14 @@ pub fn duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(total).map_err(|_| FORMS.to_owned())
 }
 
+/// A [`duration`] that must be more than zero: timeouts and intervals.
+pub fn positive_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        d if d.is_zero() => Err("it must be more than zero, such as 10s or 500ms".to_owned()),
+        d => Ok(d),
+    }
+}
+
 /// Parses an MQTT quality of service level.
 pub fn qos(text: &str) -> Result<QoS, String> {
     match text.trim() {
