@@ -30,9 +30,9 @@ const CHUNK_OVERHEAD: usize = 1024;
 
 struct Settings {
     store: Store,
-    /// The default directory, when nothing was configured; it may appear later.
-    default_dir: bool,
     chunk_size: usize,
+    /// Found while reading the settings, before logging is set up.
+    warnings: Vec<String>,
 }
 
 impl Settings {
@@ -40,6 +40,7 @@ impl Settings {
     /// and `PROXY_CHUNK_SIZE`.
     fn prepare(config: &mut Config) -> Result<Self, Error> {
         let settings = &config.settings;
+        let mut warnings = Vec::new();
         let dir = settings.parse("MODULES_DIR", None, |text| {
             let dir = PathBuf::from(text);
             match dir.is_dir() {
@@ -54,10 +55,11 @@ impl Settings {
         let ca = settings.get("MODULES_CA_CERT").map(PathBuf::from);
         let http = match url {
             Some(url) if url.is_https() => {
-                let (tls, _) = propeller_mqtt::tls::https_client_config(
+                let (tls, trust_warnings) = propeller_mqtt::tls::https_client_config(
                     settings.var("MODULES_CA_CERT"),
                     ca.as_deref(),
                 )?;
+                warnings.extend(trust_warnings.iter().map(ToString::to_string));
                 Some(HttpSource::new(url, Some(tls)))
             }
             Some(url) if ca.is_none() => Some(HttpSource::new(url, None)),
@@ -85,15 +87,21 @@ impl Settings {
                 _ => Ok(size),
             }
         })?;
-        let default_dir = dir.is_none() && http.is_none();
-        let dir = match default_dir {
-            true => Some(PathBuf::from("modules")),
-            false => dir,
+        // The default directory may appear later (a volume mounted late).
+        let dir = match (dir, &http) {
+            (None, None) => {
+                warnings.push(
+                    "neither PROXY_MODULES_DIR nor PROXY_MODULES_URL is set: serving modules from ./modules"
+                        .to_owned(),
+                );
+                Some(PathBuf::from("modules"))
+            }
+            (dir, _) => dir,
         };
         Ok(Self {
             store: Store { dir, http },
-            default_dir,
             chunk_size,
+            warnings,
         })
     }
 }
@@ -103,10 +111,8 @@ fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
-    if settings.default_dir {
-        warn!(
-            "neither PROXY_MODULES_DIR nor PROXY_MODULES_URL is set: serving modules from ./modules"
-        );
+    for warning in &settings.warnings {
+        warn!("{warning}");
     }
     let proxy = Arc::new(Proxy {
         store: settings.store,
