@@ -84,8 +84,22 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
         channel: config.channel.clone(),
         limits: settings.limits,
     };
+    // The announcement and the heartbeat never change: made once.
     let create_topic = config.channel.topic(topic::PROPLET_CREATE);
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("version".into(), env!("CARGO_PKG_VERSION").into());
+    metadata.insert("runtime".into(), "wasmi".into());
+    let create = payload(&PropletCreate {
+        proplet_id: proplet.id.clone(),
+        namespace: String::new(),
+        metadata,
+    });
     let alive_topic = config.channel.topic(topic::PROPLET_ALIVE);
+    let alive = payload(&PropletAlive {
+        proplet_id: proplet.id.clone(),
+        status: protocol::ALIVE.to_owned(),
+        namespace: String::new(),
+    });
     let mut state = context.client.state();
     let mut heartbeat = tokio::time::interval(settings.liveliness);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -96,18 +110,7 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
     loop {
         if announce {
             // On every connection: the manager may have restarted meanwhile.
-            let create = PropletCreate {
-                proplet_id: proplet.id.clone(),
-                namespace: String::new(),
-                metadata: serde_json::json!({
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "runtime": "wasmi",
-                })
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-            };
-            proplet.send(&create_topic, payload(&create)).await;
+            proplet.send(&create_topic, create.clone()).await;
             heartbeat.reset_immediately();
             announce = false;
         }
@@ -121,12 +124,7 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
             _ = heartbeat.tick() => {
                 // Heartbeats queued while disconnected would arrive stale, together.
                 if *state.borrow() == ConnectionState::Connected {
-                    let alive = PropletAlive {
-                        proplet_id: proplet.id.clone(),
-                        status: protocol::ALIVE.to_owned(),
-                        namespace: String::new(),
-                    };
-                    proplet.send(&alive_topic, payload(&alive)).await;
+                    proplet.send(&alive_topic, alive.clone()).await;
                 }
             }
             _ = sweep.tick() => proplet.modules.sweep(),
