@@ -351,11 +351,14 @@ impl Manager {
                 (StatusCode::CREATED, json!(task))
             }
             Err(e) => {
-                if let Some(t) = self.lock().tasks.get_mut(&task.id) {
-                    t.state = TaskState::Failed;
-                    t.error = Some(e.to_string());
-                    t.finished_at = Some(unix_now());
-                }
+                // Finished as if the proplet had reported the error, so that
+                // its proplet does not stay counted as busy with it.
+                self.lock().finish(TaskResult {
+                    task_id: task.id.clone(),
+                    proplet_id: task.proplet_id.clone(),
+                    results: serde_json::Value::Null,
+                    error: Some(format!("cannot publish the task: {e}")),
+                });
                 error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("cannot publish the task: {e}"),
