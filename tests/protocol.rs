@@ -4,9 +4,12 @@
 //! (AUTH=x509).
 //!
 //! Each run shows the manager discover the proplet, then see it alive; a task
-//! whose module (1.6 MB, 4 chunks) crosses the proxy and returns 7 for
+//! whose module (1.6 MB, 4 chunks) crosses the proxy and returns "7" for
 //! add(3, 4); a trapping module reported as an error; and the proplet's
 //! SIGKILL reported by its last will within 2 seconds.
+//!
+//! The API is upstream's: tasks are created (state 0, Pending), then
+//! started; they end Completed (3), Failed (4) or Interrupted (6).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -124,13 +127,18 @@ fn deploy_with(mode: Mode, proxy: impl FnOnce(&mut Env, &Path)) -> Deployment {
     }
 }
 
+/// Upstream's task states.
+const COMPLETED: u64 = 3;
+const FAILED: u64 = 4;
+const INTERRUPTED: u64 = 6;
+
 /// Polls `GET /tasks/{id}` until the task has finished.
 fn finished_task(api: u16, id: &str, timeout: Duration) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let (status, task) = request(api, "GET", &format!("/tasks/{id}"), None);
         assert_eq!(status, 200, "{task}");
-        if task.get("finished_at").is_some() {
+        if [COMPLETED, FAILED, INTERRUPTED].contains(&task["state"].as_u64().unwrap_or_default()) {
             return task;
         }
         assert!(
@@ -141,10 +149,15 @@ fn finished_task(api: u16, id: &str, timeout: Duration) -> Value {
     }
 }
 
+/// Creates the task, then starts it, as upstream's CLI does.
 fn start_task(api: u16, task: Value) -> String {
     let (status, created) = request(api, "POST", "/tasks", Some(&task));
     assert_eq!(status, 201, "{created}");
-    created["id"].as_str().unwrap().to_owned()
+    assert_eq!(created["state"], 0, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (status, started) = request(api, "POST", &format!("/tasks/{id}/start"), None);
+    assert_eq!((status, &started), (200, &json!({"started": true})));
+    id
 }
 
 fn services_work_together(test: &str, mode: Mode) {
@@ -168,7 +181,11 @@ fn services_work_together(test: &str, mode: Mode) {
         proplets["proplets"][0]["id"], "proplet-client",
         "{proplets}"
     );
-    assert_eq!(proplets["proplets"][0]["state"], "alive", "{proplets}");
+    assert_eq!(proplets["proplets"][0]["alive"], true, "{proplets}");
+    assert_eq!(
+        proplets["proplets"][0]["metadata"]["wasm_runtime"], "wasmi",
+        "{proplets}"
+    );
     let (status, health) = request(api, "GET", "/health", None);
     assert_eq!(
         (status, &health["mqtt"]["state"]),
@@ -182,8 +199,8 @@ fn services_work_together(test: &str, mode: Mode) {
         json!({"name": "add", "inputs": [3, 4], "image_url": "registry.example/acme/add:v1"}),
     );
     let task = finished_task(api, &id, Duration::from_secs(60));
-    assert_eq!(task["state"], "completed", "{task}");
-    assert_eq!(task["results"], 7, "{task}");
+    assert_eq!(task["state"], COMPLETED, "{task}");
+    assert_eq!(task["results"], "7", "{task}");
     assert_eq!(task["proplet_id"], "proplet-client", "{task}");
     let sent = deployment
         .proxy
@@ -204,7 +221,7 @@ fn services_work_together(test: &str, mode: Mode) {
         json!({"name": "divide", "inputs": [1, 0], "image_url": "divide.wasm"}),
     );
     let task = finished_task(api, &id, Duration::from_secs(30));
-    assert_eq!(task["state"], "failed", "{task}");
+    assert_eq!(task["state"], FAILED, "{task}");
     let error = task["error"].as_str().unwrap();
     assert!(
         error.contains("trapped") && error.contains("divi"),
@@ -221,7 +238,7 @@ fn services_work_together(test: &str, mode: Mode) {
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(2), "offline after {took:?}");
     let (_, proplets) = request(api, "GET", "/proplets", None);
-    assert_eq!(proplets["proplets"][0]["state"], "offline", "{proplets}");
+    assert_eq!(proplets["proplets"][0]["alive"], false, "{proplets}");
     println!("{mode:?}: offline {took:?} after SIGKILL; module of {size} bytes in 4 chunks");
 
     // A restarted proplet announces itself again.
@@ -272,14 +289,12 @@ fn tasks_fail_and_stop_cleanly() {
         json!({"name": "add", "inputs": [1, 2], "image_url": "missing:v1"}),
     );
     let task = finished_task(api, &id, Duration::from_secs(20));
-    assert_eq!(task["state"], "failed", "{task}");
-    assert!(
-        task["error"]
-            .as_str()
-            .unwrap()
-            .contains("no module missing.wasm"),
-        "{task}"
-    );
+    assert_eq!(task["state"], FAILED, "{task}");
+    let error = task["error"].as_str().unwrap();
+    assert!(error.contains("has no module missing.wasm"), "{task}");
+    // The channel is told no local path.
+    let dir = deployment._modules.path().display().to_string();
+    assert!(!error.contains(&dir), "{error}");
     assert!(started.elapsed() < Duration::from_secs(10));
     deployment
         .proxy
@@ -289,10 +304,13 @@ fn tasks_fail_and_stop_cleanly() {
     let id = start_task(api, json!({"name": "spin", "file": encode(&spin_module())}));
     std::thread::sleep(Duration::from_millis(500));
     let (status, body) = request(api, "POST", &format!("/tasks/{id}/stop"), None);
-    assert_eq!(status, 202, "{body}");
+    assert_eq!((status, &body), (200, &json!({"stopped": true})));
     let task = finished_task(api, &id, Duration::from_secs(10));
-    assert_eq!(task["state"], "stopped", "{task}");
-    assert_eq!(task["error"], "stopped by the manager", "{task}");
+    assert_eq!(task["state"], INTERRUPTED, "{task}");
+    assert_eq!(task["error"], "stopped on request", "{task}");
+    deployment
+        .proplet
+        .wait_for("stopped by the manager", Duration::from_secs(10));
 
     // Inline and fine.
     let add = wat::parse_str(r#"(module (func (export "add") (param i64 i64) (result i64) local.get 0 local.get 1 i64.add))"#).unwrap();
@@ -302,28 +320,18 @@ fn tasks_fail_and_stop_cleanly() {
     );
     assert_eq!(
         finished_task(api, &id, Duration::from_secs(10))["results"],
-        42
+        "42"
     );
 
-    // Refusals name the problem.
+    // Refusals name the problem, at creation or at start.
     for (body, status, needle) in [
-        (json!({"name": "add"}), 400, "give image_url"),
         (
             json!({"name": "add", "file": "%%%"}),
             400,
             "not valid base64",
         ),
-        (
-            json!({"name": "add", "image_url": "a", "inputs": ["x"]}),
-            400,
-            "inputs must be numbers",
-        ),
-        (
-            json!({"name": "add", "image_url": "a", "proplet_id": "nobody"}),
-            404,
-            "no proplet nobody",
-        ),
-        (json!({"nam": "add"}), 400, "unknown field"),
+        (json!({"name": "add", "inputs": [[1]]}), 400, "inputs[0]"),
+        (json!({"nam": "add"}), 400, "name is empty"),
     ] {
         let (got, answer) = request(api, "POST", "/tasks", Some(&body));
         assert_eq!(got, status, "{body} -> {answer}");
@@ -331,6 +339,25 @@ fn tasks_fail_and_stop_cleanly() {
             answer["error"].as_str().unwrap().contains(needle),
             "{answer}"
         );
+    }
+    for (body, status, needle) in [
+        (json!({"name": "add"}), 400, "has no module"),
+        (
+            json!({"name": "add", "image_url": "a", "proplet_id": "nobody"}),
+            404,
+            "no proplet nobody",
+        ),
+    ] {
+        let (_, created) = request(api, "POST", "/tasks", Some(&body));
+        let id = created["id"].as_str().unwrap();
+        let (got, answer) = request(api, "POST", &format!("/tasks/{id}/start"), None);
+        assert_eq!(got, status, "{body} -> {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(needle),
+            "{answer}"
+        );
+        let (got, _) = request(api, "DELETE", &format!("/tasks/{id}"), None);
+        assert_eq!(got, 204);
     }
     let (status, _) = request(api, "GET", "/tasks/none", None);
     assert_eq!(status, 404);
@@ -368,18 +395,20 @@ fn the_proxy_downloads_modules_over_https() {
         );
         let task = finished_task(deployment.api, &id, Duration::from_secs(60));
         if expect_results {
-            assert_eq!(task["results"], 7, "{task}");
+            assert_eq!(task["results"], "7", "{task}");
             let sent = deployment
                 .proxy
                 .wait_for("module sent", Duration::from_secs(5));
             assert!(sent.contains("chunks=4"), "{sent}");
         } else {
-            assert_eq!(task["state"], "failed", "{task}");
+            assert_eq!(task["state"], FAILED, "{task}");
             let error = task["error"].as_str().unwrap();
-            assert!(
-                error.contains("GET https://127.0.0.1:") && error.contains("TLS handshake failed"),
-                "{error}"
-            );
+            assert!(error.contains("cannot serve module add.wasm"), "{error}");
+            // The why, with the URL, stays in the proxy's log.
+            let why = deployment
+                .proxy
+                .wait_for("TLS handshake failed", Duration::from_secs(5));
+            assert!(why.contains("GET https://127.0.0.1:"), "{why}");
         }
     }
 }

@@ -2,11 +2,16 @@
 //! announced itself), alive (heartbeats arrive), or offline (its last will
 //! arrived, or three heartbeats did not).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
+use propeller_mqtt::protocol::{rfc3339, PropletMetadata, PropletMetrics};
 use serde::Serialize;
+use serde_json::{json, Value};
 use tracing::info;
+
+/// Heartbeats kept per proplet, as upstream keeps them.
+pub const ALIVE_HISTORY: usize = 10;
 
 /// How many heartbeat intervals may pass silently before a proplet is offline.
 pub const MISSED_HEARTBEATS: u32 = 3;
@@ -23,8 +28,19 @@ pub enum Liveness {
     Offline,
 }
 
-/// One proplet, as `GET /proplets` shows it.
-#[derive(Debug, Clone, Serialize)]
+impl Liveness {
+    /// As logs, `/health` and `/metrics` name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Discovered => "discovered",
+            Self::Alive => "alive",
+            Self::Offline => "offline",
+        }
+    }
+}
+
+/// One proplet.
+#[derive(Debug, Clone)]
 pub struct Proplet {
     /// Its id (its MQTT client id).
     pub id: String,
@@ -32,12 +48,37 @@ pub struct Proplet {
     pub state: Liveness,
     /// As announced.
     pub namespace: String,
-    /// Seconds since the epoch of its last message.
-    pub last_seen: u64,
+    /// What it said about itself.
+    pub metadata: PropletMetadata,
+    /// Its last heartbeats, oldest first, at most [`ALIVE_HISTORY`].
+    pub alive_history: VecDeque<SystemTime>,
+    /// Its latest metrics, as received.
+    pub metrics: Option<PropletMetrics>,
     /// Tasks dispatched to it and not yet finished.
     pub running_tasks: usize,
-    #[serde(skip)]
     seen: Instant,
+}
+
+impl Proplet {
+    /// Whether tasks may go to it.
+    pub fn alive(&self) -> bool {
+        self.state == Liveness::Alive
+    }
+
+    /// Upstream's `PropletView`: what `GET /proplets` shows.
+    pub fn view(&self) -> Value {
+        let mut view = json!({
+            "id": self.id,
+            "name": self.id,
+            "task_count": self.running_tasks,
+            "alive": self.alive(),
+            "metadata": self.metadata,
+        });
+        if let Some(last) = self.alive_history.back() {
+            view["last_alive_at"] = rfc3339(*last).into();
+        }
+        view
+    }
 }
 
 /// Every proplet seen since the manager started.
@@ -58,11 +99,11 @@ impl Registry {
     }
 
     /// A proplet announced itself (on every connection it makes).
-    pub fn created(&mut self, id: &str, namespace: &str, now: Instant) {
+    pub fn created(&mut self, id: &str, namespace: &str, metadata: PropletMetadata, now: Instant) {
         let proplet = self.entry(id, now);
         proplet.namespace = namespace.to_owned();
+        proplet.metadata = metadata;
         proplet.seen = now;
-        proplet.last_seen = unix_now();
         if proplet.state == Liveness::Offline {
             Self::transition(proplet, Liveness::Discovered, "announced itself again");
         }
@@ -72,7 +113,10 @@ impl Registry {
     pub fn alive(&mut self, id: &str, now: Instant) {
         let proplet = self.entry(id, now);
         proplet.seen = now;
-        proplet.last_seen = unix_now();
+        if proplet.alive_history.len() == ALIVE_HISTORY {
+            proplet.alive_history.pop_front();
+        }
+        proplet.alive_history.push_back(SystemTime::now());
         Self::transition(proplet, Liveness::Alive, "heartbeat");
     }
 
@@ -94,6 +138,28 @@ impl Registry {
         }
     }
 
+    /// A proplet's latest metrics; they count as a sign of life only for
+    /// proplets already known, as metrics carry no announcement.
+    pub fn metrics(&mut self, metrics: PropletMetrics) -> bool {
+        match self.proplets.get_mut(&metrics.proplet_id) {
+            Some(proplet) => {
+                proplet.metrics = Some(metrics);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets a proplet.
+    pub fn remove(&mut self, id: &str) -> Option<Proplet> {
+        self.proplets.remove(id)
+    }
+
+    /// One proplet.
+    pub fn get(&self, id: &str) -> Option<&Proplet> {
+        self.proplets.get(id)
+    }
+
     /// Every proplet, by id.
     pub fn all(&self) -> impl Iterator<Item = &Proplet> {
         self.proplets.values()
@@ -109,7 +175,7 @@ impl Registry {
     pub fn least_busy(&self) -> Option<&Proplet> {
         self.proplets
             .values()
-            .filter(|p| p.state == Liveness::Alive)
+            .filter(|p| p.alive())
             .min_by_key(|p| p.running_tasks)
     }
 
@@ -120,7 +186,9 @@ impl Registry {
                 id: id.to_owned(),
                 state: Liveness::Discovered,
                 namespace: String::new(),
-                last_seen: unix_now(),
+                metadata: PropletMetadata::default(),
+                alive_history: VecDeque::new(),
+                metrics: None,
                 running_tasks: 0,
                 seen: now,
             }
@@ -141,13 +209,6 @@ impl Registry {
     }
 }
 
-/// Seconds since the epoch.
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,7 +217,7 @@ mod tests {
     fn liveness_follows_announcements_heartbeats_and_silence() {
         let start = Instant::now();
         let mut registry = Registry::new(Duration::from_secs(10));
-        registry.created("p1", "", start);
+        registry.created("p1", "", PropletMetadata::default(), start);
         assert_eq!(registry.all().next().unwrap().state, Liveness::Discovered);
         registry.alive("p1", start);
         assert_eq!(registry.least_busy().unwrap().id, "p1");
@@ -169,7 +230,7 @@ mod tests {
         registry.alive("p2", start);
         registry.offline("p2", "last will");
         assert_eq!(registry.all().nth(1).unwrap().state, Liveness::Offline);
-        registry.created("p2", "ns", start);
+        registry.created("p2", "ns", PropletMetadata::default(), start);
         assert_eq!(registry.all().nth(1).unwrap().state, Liveness::Discovered);
     }
 }

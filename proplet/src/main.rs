@@ -3,11 +3,14 @@
 //!
 //! Configured by `PROPLET_*` variables; see the README.
 
+mod host;
 mod modules;
 mod runtime;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -16,11 +19,10 @@ use propeller_mqtt::config::value;
 use propeller_mqtt::config::Channel;
 use propeller_mqtt::protocol::{
     self, addressed_to, payload, topic, PropletAlive, PropletCreate, StartTask, StopTask,
-    TaskResult,
+    TaskResult, DEFAULT_NAMESPACE,
 };
 use propeller_mqtt::service::{self, Context};
 use propeller_mqtt::{Client, Config, ConnectionState, Error, LastWill, Message, Service};
-use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -28,6 +30,12 @@ use modules::Modules;
 
 /// A module may use this much linear memory.
 const MAX_MEMORY: usize = 256 << 20;
+/// Elements a module's table may hold: far above what compilers emit, far
+/// below what would exhaust memory.
+const MAX_TABLE_ELEMENTS: usize = 1 << 20;
+/// Bytes kept of a task's stdout, and of its stderr: a result must fit in
+/// an MQTT packet.
+const MAX_OUTPUT: usize = 64 << 10;
 
 /// The proplet's own settings.
 struct Settings {
@@ -36,8 +44,8 @@ struct Settings {
 }
 
 impl Settings {
-    /// Reads `PROPLET_LIVELINESS_INTERVAL` and `PROPLET_TASK_TIMEOUT`, and
-    /// sets the last will that tells the manager we died.
+    /// Reads `PROPLET_LIVELINESS_INTERVAL`, `PROPLET_TASK_TIMEOUT` and
+    /// `PROPLET_DIRS`, and sets the last will that tells the manager we died.
     fn prepare(config: &mut Config) -> Result<Self, Error> {
         let settings = &config.settings;
         let liveliness = settings.parse(
@@ -50,12 +58,25 @@ impl Settings {
             Duration::from_secs(300),
             value::positive_duration,
         )?;
+        // Upstream's PROPLET_DIRS: host directories a task may open, at the
+        // same path in the guest; none unless configured.
+        let preopened = settings.parse("DIRS", Vec::new(), |text| {
+            text.split(':')
+                .filter(|dir| !dir.is_empty())
+                .map(|dir| match std::path::Path::new(dir).is_dir() {
+                    true => Ok(PathBuf::from(dir)),
+                    false => Err(format!(
+                        "{dir} is not a directory: create it, or remove it from the list"
+                    )),
+                })
+                .collect()
+        })?;
         config.last_will = Some(LastWill {
             topic: config.channel.topic(topic::PROPLET_ALIVE),
             payload: payload(&PropletAlive {
                 proplet_id: config.client_id.clone(),
                 status: protocol::OFFLINE.to_owned(),
-                namespace: String::new(),
+                namespace: DEFAULT_NAMESPACE.to_owned(),
             }),
         });
         Ok(Self {
@@ -63,6 +84,9 @@ impl Settings {
             limits: runtime::Limits {
                 timeout,
                 max_memory: MAX_MEMORY,
+                max_table_elements: MAX_TABLE_ELEMENTS,
+                max_output: MAX_OUTPUT,
+                preopened,
             },
         })
     }
@@ -82,24 +106,23 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
             config.channel.topic(topic::REGISTRY_REQUEST),
         ),
         channel: config.channel.clone(),
-        limits: settings.limits,
+        limits: Arc::new(settings.limits),
     };
     // The announcement and the heartbeat never change: made once.
     let create_topic = config.channel.topic(topic::PROPLET_CREATE);
-    let mut metadata = serde_json::Map::new();
-    metadata.insert("version".into(), env!("CARGO_PKG_VERSION").into());
-    metadata.insert("runtime".into(), "wasmi".into());
     let create = payload(&PropletCreate {
         proplet_id: proplet.id.clone(),
-        namespace: String::new(),
-        metadata,
+        namespace: DEFAULT_NAMESPACE.to_owned(),
+        metadata: host::metadata(),
     });
     let alive_topic = config.channel.topic(topic::PROPLET_ALIVE);
     let alive = payload(&PropletAlive {
         proplet_id: proplet.id.clone(),
         status: protocol::ALIVE.to_owned(),
-        namespace: String::new(),
+        namespace: DEFAULT_NAMESPACE.to_owned(),
     });
+    let metrics_topic = config.channel.topic(topic::PROPLET_METRICS);
+    let mut sampler = host::Sampler::new();
     let mut state = context.client.state();
     let mut heartbeat = tokio::time::interval(settings.liveliness);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -125,6 +148,8 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
                 // Heartbeats queued while disconnected would arrive stale, together.
                 if *state.borrow() == ConnectionState::Connected {
                     proplet.send(&alive_topic, alive.clone()).await;
+                    let metrics = sampler.sample(&proplet.id, DEFAULT_NAMESPACE);
+                    proplet.send(&metrics_topic, payload(&metrics)).await;
                 }
             }
             _ = sweep.tick() => proplet.modules.sweep(),
@@ -143,7 +168,7 @@ struct Proplet {
     client: Client,
     modules: Modules,
     channel: Channel,
-    limits: runtime::Limits,
+    limits: Arc<runtime::Limits>,
 }
 
 impl Proplet {
@@ -162,7 +187,7 @@ impl Proplet {
             }
             Some(topic::MANAGER_STOP) => match serde_json::from_slice::<StopTask>(&message.payload)
             {
-                Ok(stop) if addressed_to(stop.broadcast, stop.proplet_id.as_deref(), &self.id) => {
+                Ok(stop) if addressed_to(stop.broadcast, &stop.proplet_id, &self.id) => {
                     if let Some(cancel) = tasks.get(&stop.id) {
                         info!(task_id = %stop.id, "stopping task");
                         let _ = cancel.send(true);
@@ -175,6 +200,12 @@ impl Proplet {
                 Ok(chunk) => self.modules.chunk(chunk),
                 Err(error) => warn!(%error, "ignoring a registry message that is not a chunk"),
             },
+            Some(topic::REGISTRY_ERROR) => match serde_json::from_slice(&message.payload) {
+                Ok(error) => self.modules.failed(error),
+                Err(error) => {
+                    warn!(%error, "ignoring a registry error that is not {{app_name, error}}")
+                }
+            },
             _ => {}
         }
     }
@@ -185,7 +216,7 @@ impl Proplet {
         tasks: &mut HashMap<String, watch::Sender<bool>>,
         finished: &mpsc::UnboundedSender<String>,
     ) {
-        if !addressed_to(task.broadcast, task.proplet_id.as_deref(), &self.id) {
+        if !addressed_to(task.broadcast, &task.proplet_id, &self.id) {
             return;
         }
         if tasks.contains_key(&task.id) {
@@ -202,16 +233,7 @@ impl Proplet {
                 Ok(results) => info!(task_id = %task.id, %results, "task completed"),
                 Err(error) => warn!(task_id = %task.id, error, "task failed"),
             }
-            let (results, error) = match outcome {
-                Ok(results) => (results, None),
-                Err(error) => (Value::Null, Some(error)),
-            };
-            let result = TaskResult {
-                task_id: task.id.clone(),
-                proplet_id: proplet.id.clone(),
-                results,
-                error,
-            };
+            let result = TaskResult::new(&task.id, &proplet.id, outcome);
             let results_topic = proplet.channel.topic(topic::PROPLET_RESULTS);
             proplet.send(&results_topic, payload(&result)).await;
             let _ = finished.send(task.id);
@@ -223,21 +245,50 @@ impl Proplet {
         &self,
         task: &StartTask,
         mut stopped: watch::Receiver<bool>,
-    ) -> Result<Value, String> {
-        let module = match (&task.file, &task.image_url) {
-            (Some(file), _) if !file.is_empty() => base64::engine::general_purpose::STANDARD
+    ) -> Result<String, String> {
+        if task.encrypted {
+            return Err("the task is encrypted, and this proplet has no TEE runtime to decrypt it: run it on an upstream proplet with a TEE".to_owned());
+        }
+        let module = match (task.file.as_str(), task.image_url.as_str()) {
+            (file, _) if !file.is_empty() => base64::engine::general_purpose::STANDARD
                 .decode(file.as_bytes())
                 .map(Bytes::from)
                 .map_err(|e| format!("file is not valid base64: {e}"))?,
-            (_, Some(url)) if !url.is_empty() => tokio::select! {
+            (_, url) if !url.is_empty() => tokio::select! {
                 module = self.modules.fetch(url) => module?,
                 _ = stopped.wait_for(|stop| *stop) => return Err("stopped by the manager".to_owned()),
             },
             _ => return Err("the task has neither file nor image_url".to_owned()),
         };
-        let (name, inputs, limits) = (task.name.clone(), task.inputs.clone(), self.limits);
+        // argv[0] is the program's name, as a shell would give it.
+        let program = task
+            .image_url
+            .rsplit('/')
+            .next()
+            .filter(|name| !name.is_empty())
+            .unwrap_or("module.wasm");
+        let args: Vec<String> = std::iter::once(program.to_owned())
+            .chain(task.cli_args.iter().cloned())
+            .collect();
+        // Upstream gives every task its proplet's id.
+        let mut env: Vec<(String, String)> = task
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !task.env.contains_key("PROPLET_ID") {
+            env.push(("PROPLET_ID".to_owned(), self.id.clone()));
+        }
+        let (function, inputs, limits) =
+            (task.name.clone(), task.inputs.clone(), self.limits.clone());
         tokio::task::spawn_blocking(move || {
-            runtime::run(&module, &name, &inputs, limits, || *stopped.borrow())
+            let invocation = runtime::Invocation {
+                function: &function,
+                inputs: &inputs,
+                args: &args,
+                env: &env,
+            };
+            runtime::run(&module, &invocation, &limits, || *stopped.borrow())
         })
         .await
         .unwrap_or_else(|panic| Err(format!("the runtime failed: {panic}")))

@@ -1,15 +1,19 @@
 //! Modules named by `image_url`, fetched from the proxy: the request on
 //! `registry/proplet`, and the reassembly of the chunks that come back on
 //! `registry/server`, which may arrive out of order, twice, or for modules
-//! another proplet asked for.
+//! another proplet asked for; or the proxy's error on `registry/error`.
+//!
+//! Anyone on the channel can publish chunks, so the assembler trusts no
+//! count: chunks are kept in a map, not a vector sized by `total_chunks`,
+//! and the bytes held are capped.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleRequest};
+use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
 use propeller_mqtt::{Client, Error};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -20,12 +24,16 @@ pub const WAIT: Duration = Duration::from_secs(60);
 pub const KEEP_PARTIAL: Duration = Duration::from_secs(300);
 /// The largest module we reassemble: 512 chunks of upstream's size.
 const MAX_MODULE: usize = 256 << 20;
+/// The most chunks a module may come in: a 256 MiB module in 256-byte chunks.
+const MAX_CHUNKS: usize = 1 << 20;
+/// The bytes all partial modules together may hold.
+const MAX_PARTIAL_BYTES: usize = 2 * MAX_MODULE;
 
 /// The chunks of one module, as they arrive.
 #[derive(Debug)]
 struct Partial {
-    chunks: Vec<Option<Bytes>>,
-    received: usize,
+    total: usize,
+    chunks: BTreeMap<usize, Bytes>,
     bytes: usize,
     started: Instant,
 }
@@ -33,8 +41,8 @@ struct Partial {
 impl Partial {
     fn new(total: usize, now: Instant) -> Self {
         Self {
-            chunks: vec![None; total],
-            received: 0,
+            total,
+            chunks: BTreeMap::new(),
             bytes: 0,
             started: now,
         }
@@ -48,7 +56,7 @@ pub enum Added {
     Partial,
     /// It was the last one: the whole module.
     Complete(Bytes),
-    /// The proxy cannot serve it, or the chunks cannot make a module.
+    /// The chunks cannot make a module.
     Failed(String),
     /// A duplicate or a chunk we cannot use; nothing changed.
     Ignored(String),
@@ -63,14 +71,16 @@ pub struct Assembler {
 impl Assembler {
     /// Adds one chunk.
     pub fn add(&mut self, chunk: ModuleChunk, now: Instant) -> Added {
-        if let Some(error) = chunk.error.filter(|e| !e.is_empty()) {
-            self.partial.remove(&chunk.app_name);
-            return Added::Failed(format!("the proxy cannot serve it: {error}"));
-        }
         let total = chunk.total_chunks as usize;
         let index = chunk.chunk_idx as usize;
         if total == 0 || index >= total {
             return Added::Ignored(format!("chunk {index} of {total} is out of range"));
+        }
+        if total > MAX_CHUNKS {
+            return Added::Ignored(format!(
+                "{total} chunks is more than a module of at most {} MiB comes in",
+                MAX_MODULE >> 20
+            ));
         }
         let Ok(data) = base64::engine::general_purpose::STANDARD.decode(chunk.data.as_bytes())
         else {
@@ -80,11 +90,11 @@ impl Assembler {
             .partial
             .entry(chunk.app_name.clone())
             .or_insert_with(|| Partial::new(total, now));
-        if partial.chunks.len() != total {
+        if partial.total != total {
             // The module changed at the proxy between two requests: start over.
             *partial = Partial::new(total, now);
         }
-        if partial.chunks[index].is_some() {
+        if partial.chunks.contains_key(&index) {
             return Added::Ignored(format!("chunk {index} is a duplicate"));
         }
         partial.bytes += data.len();
@@ -95,20 +105,35 @@ impl Assembler {
                 MAX_MODULE >> 20
             ));
         }
-        partial.chunks[index] = Some(Bytes::from(data));
-        partial.received += 1;
-        if partial.received < total {
+        partial.chunks.insert(index, Bytes::from(data));
+        if partial.chunks.len() < total {
+            if self.held() > MAX_PARTIAL_BYTES {
+                self.partial.remove(&chunk.app_name);
+                return Added::Failed(format!(
+                    "partial modules hold over {} MiB: too many at once",
+                    MAX_PARTIAL_BYTES >> 20
+                ));
+            }
             return Added::Partial;
         }
-        let partial = self
-            .partial
-            .remove(&chunk.app_name)
-            .unwrap_or_else(|| unreachable!());
+        let Some(partial) = self.partial.remove(&chunk.app_name) else {
+            return Added::Partial;
+        };
         let mut module = Vec::with_capacity(partial.bytes);
-        for chunk in partial.chunks.into_iter().flatten() {
+        for chunk in partial.chunks.into_values() {
             module.extend_from_slice(&chunk);
         }
         Added::Complete(Bytes::from(module))
+    }
+
+    /// The bytes all partial modules hold.
+    fn held(&self) -> usize {
+        self.partial.values().map(|p| p.bytes).sum()
+    }
+
+    /// Forgets what was collected of `app_name`.
+    pub fn abandon(&mut self, app_name: &str) {
+        self.partial.remove(app_name);
     }
 
     /// Whether chunks of `app_name` are being collected.
@@ -175,7 +200,20 @@ impl Modules {
         if first {
             self.request(app_name).await.map_err(|e| e.to_string())?;
         }
-        match tokio::time::timeout(WAIT, receiver).await {
+        let outcome = tokio::time::timeout(WAIT, receiver).await;
+        if outcome.is_err() {
+            // Nobody waits for it any more: forget it, so that late chunks
+            // for it are ignored rather than collected.
+            let mut state = self.lock();
+            if let Some(waiters) = state.waiters.get_mut(app_name) {
+                waiters.retain(|w| !w.is_closed());
+                if waiters.is_empty() {
+                    state.waiters.remove(app_name);
+                    state.assembler.abandon(app_name);
+                }
+            }
+        }
+        match outcome {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("the proplet is stopping".to_owned()),
             Err(_) => Err(format!(
@@ -231,6 +269,21 @@ impl Modules {
         }
     }
 
+    /// The proxy's word that it cannot serve a module: its waiters fail now.
+    pub fn failed(&self, error: ModuleError) {
+        let mut state = self.lock();
+        let Some(waiters) = state.waiters.remove(&error.app_name) else {
+            // Another proplet's module.
+            return;
+        };
+        state.assembler.abandon(&error.app_name);
+        warn!(app_name = %error.app_name, why = %error.error, "module fetch failed");
+        let why = format!("the proxy cannot serve it: {}", error.error);
+        for waiter in waiters {
+            let _ = waiter.send(Err(why.clone()));
+        }
+    }
+
     /// Drops stale partial chunk sets.
     pub fn sweep(&self) {
         for app_name in self.lock().assembler.sweep(Instant::now()) {
@@ -258,7 +311,6 @@ mod tests {
                 chunk_idx: i as u32,
                 total_chunks: total,
                 data: base64::engine::general_purpose::STANDARD.encode(data),
-                error: None,
             })
             .collect()
     }
@@ -313,19 +365,24 @@ mod tests {
             Vec::<String>::new()
         );
         assert_eq!(assembler.sweep(now + KEEP_PARTIAL), vec!["app".to_owned()]);
-        let failed = assembler.add(
-            ModuleChunk {
-                app_name: "app".into(),
-                chunk_idx: 0,
-                total_chunks: 0,
-                data: String::new(),
-                error: Some("no module add.wasm".into()),
-            },
-            now,
-        );
-        assert_eq!(
-            failed,
-            Added::Failed("the proxy cannot serve it: no module add.wasm".into())
-        );
+    }
+
+    /// A forged count costs nothing: no vector is sized by it.
+    #[test]
+    fn forged_counts_allocate_nothing() {
+        let mut assembler = Assembler::default();
+        let now = Instant::now();
+        let chunk = |total| ModuleChunk {
+            app_name: "x".into(),
+            chunk_idx: 0,
+            total_chunks: total,
+            data: "AA==".into(),
+        };
+        assert!(matches!(
+            assembler.add(chunk(u32::MAX), now),
+            Added::Ignored(_)
+        ));
+        assert_eq!(assembler.add(chunk(1 << 20), now), Added::Partial);
+        assert_eq!(assembler.held(), 1);
     }
 }

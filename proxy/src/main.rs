@@ -14,14 +14,14 @@ use std::sync::{Arc, Mutex};
 use base64::Engine as _;
 use bytes::Bytes;
 use propeller_mqtt::config::value;
-use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleRequest};
+use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
 use propeller_mqtt::service::{self, Context};
 use propeller_mqtt::{Client, Config, Error, Service};
 use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use http::{BaseUrl, HttpSource};
-use store::Store;
+use store::{FetchError, Store};
 
 /// Upstream's chunk size: about 683 KB once base64 in JSON.
 const DEFAULT_CHUNK_SIZE: usize = 512_000;
@@ -119,6 +119,7 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
         chunk_size: settings.chunk_size,
         client: context.client.clone(),
         chunk_topic: context.config.channel.topic(topic::REGISTRY_CHUNK),
+        error_topic: context.config.channel.topic(topic::REGISTRY_ERROR),
         fetches: Mutex::default(),
     });
     while let Some(message) = context.messages.recv().await {
@@ -135,13 +136,14 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
     Ok(())
 }
 
-type Fetch = Arc<OnceCell<Result<Bytes, String>>>;
+type Fetch = Arc<OnceCell<Result<Bytes, FetchError>>>;
 
 struct Proxy {
     store: Store,
     chunk_size: usize,
     client: Client,
     chunk_topic: String,
+    error_topic: String,
     /// Downloads under way, so that requests for the same module share one.
     fetches: Mutex<HashMap<String, Fetch>>,
 }
@@ -165,21 +167,25 @@ impl Proxy {
             }
         }
         let module = module.and_then(|module| match module.is_empty() {
-            true => Err("the module file is empty".to_owned()),
+            true => Err(FetchError::failed(
+                &app_name,
+                "the module file is empty".to_owned(),
+            )),
             false => Ok(module),
         });
         match module {
             Ok(module) => self.send(app_name, &module).await,
             Err(error) => {
-                warn!(%app_name, error, "cannot serve the module");
-                self.publish(ModuleChunk {
-                    app_name,
-                    chunk_idx: 0,
-                    total_chunks: 0,
-                    data: String::new(),
-                    error: Some(error),
-                })
-                .await;
+                warn!(%app_name, error = error.detail, "cannot serve the module");
+                // Not on the chunk topic: an upstream proplet would take any
+                // message there for a chunk and wait for the rest.
+                let message = payload(&ModuleError {
+                    app_name: app_name.clone(),
+                    error: error.public,
+                });
+                if let Err(error) = self.client.publish(self.error_topic.clone(), message).await {
+                    warn!(%app_name, "cannot publish the module error: {error}");
+                }
             }
         }
     }
@@ -192,7 +198,6 @@ impl Proxy {
                 chunk_idx: index as u32,
                 total_chunks: total as u32,
                 data: base64::engine::general_purpose::STANDARD.encode(data),
-                error: None,
             })
             .await;
         }

@@ -40,6 +40,31 @@ pub fn file_name(app_name: &str) -> Result<String, String> {
     })
 }
 
+/// Why a module cannot be served: in full for the proxy's log, and in a
+/// form for the channel, which every client on it reads, that names no
+/// local path or URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchError {
+    /// For the proxy's log.
+    pub detail: String,
+    /// For the proplet that asked.
+    pub public: String,
+}
+
+impl FetchError {
+    fn new(public: String, detail: String) -> Self {
+        Self { detail, public }
+    }
+
+    /// A module that is there but cannot be served.
+    pub fn failed(name: &str, detail: String) -> Self {
+        Self::new(
+            format!("the proxy cannot serve module {name}; its log says why"),
+            detail,
+        )
+    }
+}
+
 /// The module sources, in the order they are tried.
 pub struct Store {
     /// `PROXY_MODULES_DIR`.
@@ -54,30 +79,40 @@ impl Store {
     /// # Errors
     ///
     /// No source has it, or one failed; the message names the sources.
-    pub async fn fetch(&self, app_name: &str) -> Result<Bytes, String> {
-        let name = file_name(app_name)?;
+    pub async fn fetch(&self, app_name: &str) -> Result<Bytes, FetchError> {
+        let name = file_name(app_name).map_err(|e| FetchError::new(e.clone(), e))?;
         if let Some(dir) = &self.dir {
             let path = dir.join(&name);
             match tokio::fs::metadata(&path).await {
                 Ok(meta) if meta.len() > MAX_MODULE as u64 => {
-                    return Err(format!(
-                        "{} is over {} MiB, the largest module the proxy serves",
-                        path.display(),
-                        MAX_MODULE >> 20
+                    return Err(FetchError::new(
+                        format!(
+                            "module {name} is over {} MiB, the largest module the proxy serves",
+                            MAX_MODULE >> 20
+                        ),
+                        format!("{} is over {} MiB", path.display(), MAX_MODULE >> 20),
                     ))
                 }
                 Ok(_) => {
-                    return tokio::fs::read(&path)
-                        .await
-                        .map(Bytes::from)
-                        .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                    return tokio::fs::read(&path).await.map(Bytes::from).map_err(|e| {
+                        FetchError::failed(&name, format!("cannot read {}: {e}", path.display()))
+                    })
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+                Err(e) => {
+                    return Err(FetchError::failed(
+                        &name,
+                        format!("cannot read {}: {e}", path.display()),
+                    ))
+                }
             }
         }
         if let Some(http) = &self.http {
-            if let Some(module) = http.get(&name).await? {
+            if let Some(module) = http
+                .get(&name)
+                .await
+                .map_err(|e| FetchError::failed(&name, e))?
+            {
                 return Ok(module);
             }
         }
@@ -88,9 +123,12 @@ impl Store {
         if let Some(http) = &self.http {
             places.push(format!("PROXY_MODULES_URL={}", http.base()));
         }
-        Err(format!(
-            "no module {name} in {}: add the file, or check the task's image_url",
-            places.join(" or at ")
+        Err(FetchError::new(
+            format!("the proxy has no module {name}: add the file to its store, or check the task's image_url"),
+            format!(
+                "no module {name} in {}: add the file, or check the task's image_url",
+                places.join(" or at ")
+            ),
         ))
     }
 }
@@ -131,8 +169,12 @@ mod tests {
         );
         let error = store.fetch("sub").await.unwrap_err();
         assert!(
-            error.starts_with("no module sub.wasm in PROXY_MODULES_DIR="),
-            "{error}"
+            error
+                .detail
+                .starts_with("no module sub.wasm in PROXY_MODULES_DIR="),
+            "{error:?}"
         );
+        assert!(error.public.starts_with("the proxy has no module sub.wasm"));
+        assert!(!error.public.contains(&dir.path().display().to_string()));
     }
 }

@@ -32,7 +32,11 @@ pub fn request(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u1
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {head:?}"));
-    let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+    // 204 has no body.
+    let json = match body.trim() {
+        "" => Value::Null,
+        body => serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}")),
+    };
     (status, json)
 }
 

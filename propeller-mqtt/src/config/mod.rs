@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 pub use address::{BrokerAddress, Transport};
 
+use crate::protocol::topic;
 use crate::Error;
 
 /// One of Propeller's services; it decides the prefix of every variable.
@@ -46,14 +47,16 @@ impl Service {
         match self {
             // Everything on the channel: proplets' announcements and results.
             Service::Manager => &["#"],
-            // Tasks to start and stop, and the chunks of the modules they need.
+            // Tasks to start and stop, and the chunks of the modules they
+            // need, or the proxy's word that it cannot serve them.
             Service::Proplet => &[
-                "control/manager/start",
-                "control/manager/stop",
-                "registry/server",
+                topic::MANAGER_START,
+                topic::MANAGER_STOP,
+                topic::REGISTRY_CHUNK,
+                topic::REGISTRY_ERROR,
             ],
             // Module requests from proplets.
-            Service::Proxy => &["registry/proplet"],
+            Service::Proxy => &[topic::REGISTRY_REQUEST],
         }
     }
 
@@ -73,6 +76,7 @@ impl Service {
                 "CONFIG_SECTION",
                 "LIVELINESS_INTERVAL",
                 "TASK_TIMEOUT",
+                "DIRS",
             ],
             Service::Proxy => &[
                 "CONFIG_FILE",

@@ -1,0 +1,772 @@
+//! The manager's domain, apart from HTTP: proplets and their liveness, tasks
+//! from creation to result, and the choice of a proplet. [`State`] is plain
+//! data and unit-tested as such; [`Manager`] adds the MQTT side.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use base64::Engine as _;
+use propeller_mqtt::config::Channel;
+use propeller_mqtt::protocol::{
+    self, de, payload, topic, PropletAlive, PropletCreate, PropletMetrics, StopTask, TaskResult,
+};
+use propeller_mqtt::{Client, ConnectionState, Message};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tracing::{info, warn};
+
+use crate::registry::{Liveness, Proplet, Registry};
+use crate::tasks::{Page, Task, TaskState, Tasks};
+
+/// Room in a start's packet for its topic and MQTT's header.
+const PACKET_OVERHEAD: usize = 1024;
+/// Upstream's limit on a task's metadata.
+const MAX_METADATA: usize = 1 << 20;
+
+/// Why a request cannot be done. Each maps to one HTTP status in `api.rs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManagerError {
+    /// No such task or proplet.
+    NotFound(String),
+    /// The request is malformed or contradicts itself.
+    Invalid(String),
+    /// The request does not fit the current state (a running task).
+    Conflict(String),
+    /// The task would not fit in one MQTT packet.
+    TooLarge(String),
+    /// No proplet can take the task now, or the broker cannot be reached.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for ManagerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (Self::NotFound(m)
+        | Self::Invalid(m)
+        | Self::Conflict(m)
+        | Self::TooLarge(m)
+        | Self::Unavailable(m)) = self;
+        f.write_str(m)
+    }
+}
+
+fn no_task(id: &str) -> ManagerError {
+    ManagerError::NotFound(format!("no task {id}: GET /tasks lists them"))
+}
+
+fn no_proplet(id: &str) -> ManagerError {
+    ManagerError::NotFound(format!("no proplet {id}: GET /proplets lists them"))
+}
+
+/// A task as `POST /tasks` and `PUT /tasks/{id}` take it: upstream's
+/// `task.Task`, read leniently (unknown fields, such as the zero times
+/// upstream's SDK sends, are ignored).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct TaskRequest {
+    /// The function to run.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub name: String,
+    /// Where the proxy finds the module.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub image_url: String,
+    /// The module, base64 (Go's `[]byte`).
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub file: String,
+    /// Strings or numbers.
+    #[serde(deserialize_with = "de::flex_strings")]
+    pub inputs: Vec<String>,
+    /// The WASI command's arguments.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub cli_args: Vec<String>,
+    /// The WASI environment.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub env: BTreeMap<String, String>,
+    /// Passed on to the proplet.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub daemon: bool,
+    /// Passed on to the proplet.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub encrypted: bool,
+    /// Every proplet runs it.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub broadcast: bool,
+    /// The proplet to run it on; the least busy alive one when empty.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub proplet_id: String,
+    /// 0 to 100.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub priority: i64,
+    /// Free-form.
+    #[serde(deserialize_with = "de::null_as_default")]
+    pub metadata: Map<String, Value>,
+}
+
+impl TaskRequest {
+    fn module(&self) -> Result<Vec<u8>, ManagerError> {
+        base64::engine::general_purpose::STANDARD
+            .decode(self.file.trim().as_bytes())
+            .map_err(|e| ManagerError::Invalid(format!("file is not valid base64: {e}")))
+    }
+
+    fn check(&self) -> Result<(), ManagerError> {
+        if !(0..=100).contains(&self.priority) {
+            return Err(ManagerError::Invalid(format!(
+                "priority must be between 0 and 100, not {}",
+                self.priority
+            )));
+        }
+        if serde_json::to_vec(&self.metadata).map_or(0, |m| m.len()) > MAX_METADATA {
+            return Err(ManagerError::Invalid(
+                "metadata is over 1 MiB: keep large data out of tasks".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Counts for `/health` and `/metrics`.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// The MQTT connection.
+    pub mqtt: ConnectionState,
+    /// Proplets by liveness.
+    pub proplets: [(Liveness, usize); 3],
+    /// Tasks by state.
+    pub tasks: Vec<(TaskState, usize)>,
+}
+
+/// Everything the manager knows.
+#[derive(Debug)]
+pub struct State {
+    /// The proplets.
+    pub registry: Registry,
+    /// The tasks.
+    pub tasks: Tasks,
+    /// The largest packet the broker takes from us.
+    pub max_packet: usize,
+}
+
+impl State {
+    /// A new task, Pending.
+    pub fn create(&mut self, request: TaskRequest, now: SystemTime) -> Result<Task, ManagerError> {
+        if request.name.trim().is_empty() {
+            return Err(ManagerError::Invalid(
+                "name is empty: give the exported function to run, or _start for a WASI command"
+                    .to_owned(),
+            ));
+        }
+        if request.broadcast && !request.proplet_id.is_empty() {
+            return Err(ManagerError::Invalid(
+                "broadcast and proplet_id are mutually exclusive".to_owned(),
+            ));
+        }
+        request.check()?;
+        let file = request.module()?;
+        self.fits(&file)?;
+        let task = Task {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: request.name,
+            kind: "standard",
+            state: TaskState::Pending,
+            image_url: request.image_url.trim().to_owned(),
+            file,
+            cli_args: request.cli_args,
+            inputs: request.inputs,
+            env: request.env,
+            daemon: request.daemon,
+            encrypted: request.encrypted,
+            proplet_id: request.proplet_id,
+            results: Value::Null,
+            error: String::new(),
+            start_time: None,
+            finish_time: None,
+            created_at: Some(now),
+            updated_at: Some(now),
+            broadcast: request.broadcast,
+            priority: request.priority,
+            metadata: request.metadata,
+        };
+        self.tasks.insert(task.clone());
+        Ok(task)
+    }
+
+    /// Changes what upstream lets change: name, inputs, file, priority,
+    /// metadata; empty fields keep their value.
+    pub fn update(
+        &mut self,
+        id: &str,
+        request: TaskRequest,
+        now: SystemTime,
+    ) -> Result<Task, ManagerError> {
+        request.check()?;
+        let file = request.module()?;
+        self.fits(&file)?;
+        let task = self.tasks.get_mut(id).ok_or_else(|| no_task(id))?;
+        if task.running() {
+            return Err(ManagerError::Conflict(format!(
+                "task {id} is running: stop it before changing it"
+            )));
+        }
+        if !request.name.trim().is_empty() {
+            task.name = request.name;
+        }
+        if !request.inputs.is_empty() {
+            task.inputs = request.inputs;
+        }
+        if !file.is_empty() {
+            task.file = file;
+        }
+        if request.priority != 0 {
+            task.priority = request.priority;
+        }
+        if !request.metadata.is_empty() {
+            task.metadata = request.metadata;
+        }
+        task.updated_at = Some(now);
+        Ok(task.clone())
+    }
+
+    /// Sets the module of a task, from `PUT /tasks/{id}/upload`.
+    pub fn upload(
+        &mut self,
+        id: &str,
+        module: Vec<u8>,
+        now: SystemTime,
+    ) -> Result<Task, ManagerError> {
+        self.fits(&module)?;
+        let task = self.tasks.get_mut(id).ok_or_else(|| no_task(id))?;
+        if task.running() {
+            return Err(ManagerError::Conflict(format!(
+                "task {id} is running: stop it before changing its module"
+            )));
+        }
+        task.file = module;
+        task.updated_at = Some(now);
+        Ok(task.clone())
+    }
+
+    /// Forgets a task that is not running.
+    pub fn delete(&mut self, id: &str) -> Result<(), ManagerError> {
+        match self.tasks.get(id) {
+            None => Err(no_task(id)),
+            Some(task) if task.running() => Err(ManagerError::Conflict(format!(
+                "task {id} is running: stop it before deleting it"
+            ))),
+            Some(_) => {
+                self.tasks.remove(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Picks the task's proplet and marks it Running; returns the start
+    /// message to publish. Undo with [`Self::unschedule`] if it cannot be sent.
+    pub fn schedule(&mut self, id: &str, now: SystemTime) -> Result<bytes::Bytes, ManagerError> {
+        let task = self.tasks.get(id).ok_or_else(|| no_task(id))?;
+        if task.running() {
+            return Err(ManagerError::Conflict(format!(
+                "task {id} is already running"
+            )));
+        }
+        if task.file.is_empty() && task.image_url.is_empty() {
+            return Err(ManagerError::Invalid(format!(
+                "task {id} has no module: set image_url, or PUT /tasks/{id}/upload a .wasm"
+            )));
+        }
+        let proplet = match (task.broadcast, task.proplet_id.as_str()) {
+            (true, _) => String::new(),
+            (false, "") => self
+                .registry
+                .least_busy()
+                .map(|p| p.id.clone())
+                .ok_or_else(|| {
+                    ManagerError::Unavailable(
+                        "no proplet is alive: start one, or wait for its first heartbeat"
+                            .to_owned(),
+                    )
+                })?,
+            (false, wanted) => match self.registry.get(wanted) {
+                None => return Err(no_proplet(wanted)),
+                Some(p) if !p.alive() => {
+                    return Err(ManagerError::Unavailable(format!(
+                        "proplet {wanted} is not alive"
+                    )))
+                }
+                Some(p) => p.id.clone(),
+            },
+        };
+        let mut start = task.start_message();
+        start.proplet_id = proplet.clone();
+        start.state = TaskState::Running as u8;
+        let message = payload(&start);
+        if message.len() + PACKET_OVERHEAD > self.max_packet {
+            return Err(ManagerError::TooLarge(format!(
+                "the start message would be {} bytes, over the broker's {}-byte packet limit (MQTT_MAX_PACKET_SIZE): serve the module through the proxy with image_url",
+                message.len(),
+                self.max_packet
+            )));
+        }
+        if let Some(p) = self.registry.get_mut(&proplet) {
+            p.running_tasks += 1;
+        }
+        let task = self.tasks.get_mut(id).ok_or_else(|| no_task(id))?;
+        task.proplet_id = proplet;
+        task.state = TaskState::Running;
+        task.results = Value::Null;
+        task.error.clear();
+        task.start_time = Some(now);
+        task.finish_time = None;
+        task.updated_at = Some(now);
+        Ok(message)
+    }
+
+    /// A start that could not be published: the task failed, and its
+    /// proplet is not busy with it.
+    pub fn unschedule(&mut self, id: &str, error: String, now: SystemTime) {
+        self.end(id, TaskState::Failed, error, now);
+    }
+
+    /// Ends a running task on request; returns the stop message.
+    pub fn stop(&mut self, id: &str) -> Result<StopTask, ManagerError> {
+        let task = self.tasks.get(id).ok_or_else(|| no_task(id))?;
+        if !task.running() {
+            return Err(ManagerError::Conflict(format!(
+                "task {id} is not running (state {})",
+                task.state.name()
+            )));
+        }
+        Ok(StopTask {
+            id: id.to_owned(),
+            broadcast: task.broadcast,
+            proplet_id: task.proplet_id.clone(),
+        })
+    }
+
+    /// The stop was sent: the task is over, whatever its proplet reports
+    /// later (upstream's proplets report nothing for a stopped task).
+    pub fn stopped(&mut self, id: &str, now: SystemTime) {
+        self.end(
+            id,
+            TaskState::Interrupted,
+            "stopped on request".to_owned(),
+            now,
+        );
+    }
+
+    fn end(&mut self, id: &str, state: TaskState, error: String, now: SystemTime) {
+        let Some(task) = self.tasks.get_mut(id) else {
+            return;
+        };
+        if !task.running() {
+            return;
+        }
+        task.state = state;
+        task.error = error;
+        task.finish_time = Some(now);
+        task.updated_at = Some(now);
+        let proplet = task.proplet_id.clone();
+        self.release(&proplet);
+    }
+
+    fn release(&mut self, proplet_id: &str) {
+        if let Some(proplet) = self.registry.get_mut(proplet_id) {
+            proplet.running_tasks = proplet.running_tasks.saturating_sub(1);
+        }
+    }
+
+    /// A proplet's result.
+    pub fn finish(&mut self, result: &TaskResult, now: SystemTime) {
+        let task = match self.tasks.finish(result, now) {
+            Ok(task) => task,
+            Err(ignored) => {
+                info!(task_id = %result.task_id, proplet_id = %result.proplet_id, why = ignored.reason(), "result ignored");
+                return;
+            }
+        };
+        match task.state {
+            TaskState::Completed => {
+                info!(task_id = %task.id, results = %task.results, "task completed")
+            }
+            _ => info!(task_id = %task.id, error = %task.error, "task failed"),
+        }
+        let proplet = task.proplet_id.clone();
+        self.release(&proplet);
+    }
+
+    /// Whether a module of `file` bytes can travel inline in a start.
+    fn fits(&self, file: &[u8]) -> Result<(), ManagerError> {
+        let encoded = file.len().div_ceil(3) * 4;
+        match encoded + PACKET_OVERHEAD > self.max_packet {
+            true => Err(ManagerError::TooLarge(format!(
+                "the module is {} bytes, {encoded} once base64, over the broker's {}-byte packet limit (MQTT_MAX_PACKET_SIZE): serve it through the proxy with image_url",
+                file.len(),
+                self.max_packet
+            ))),
+            false => Ok(()),
+        }
+    }
+
+    /// One proplet, as upstream shows it.
+    pub fn proplet(&self, id: &str) -> Result<&Proplet, ManagerError> {
+        self.registry.get(id).ok_or_else(|| no_proplet(id))
+    }
+
+    /// Forgets a proplet that has no running task.
+    pub fn delete_proplet(&mut self, id: &str) -> Result<(), ManagerError> {
+        let proplet = self.proplet(id)?;
+        if proplet.running_tasks > 0 {
+            return Err(ManagerError::Conflict(format!(
+                "proplet {id} has {} running tasks",
+                proplet.running_tasks
+            )));
+        }
+        self.registry.remove(id);
+        Ok(())
+    }
+
+    /// A page of proplets, filtered by upstream's `status` (`active`,
+    /// `inactive`), and how many match in all.
+    pub fn proplets(
+        &self,
+        page: Page,
+        status: Option<&str>,
+    ) -> Result<(Vec<&Proplet>, usize), ManagerError> {
+        let wanted = match status {
+            None | Some("") => None,
+            Some("active") => Some(true),
+            Some("inactive") => Some(false),
+            Some(other) => {
+                return Err(ManagerError::Invalid(format!(
+                    "status {other:?} is not one of active, inactive"
+                )))
+            }
+        };
+        let matching: Vec<&Proplet> = self
+            .registry
+            .all()
+            .filter(|p| wanted.is_none_or(|alive| p.alive() == alive))
+            .collect();
+        let total = matching.len();
+        Ok((page.of(matching.into_iter()), total))
+    }
+
+    /// One task.
+    pub fn task(&self, id: &str) -> Result<&Task, ManagerError> {
+        self.tasks.get(id).ok_or_else(|| no_task(id))
+    }
+
+    /// An MQTT message on the channel; what is not for the manager is
+    /// ignored, and what does not parse is logged once and dropped.
+    pub fn receive(&mut self, suffix: &str, payload: &[u8], now: Instant) {
+        match suffix {
+            topic::PROPLET_CREATE => match serde_json::from_slice::<PropletCreate>(payload) {
+                Ok(create) if !create.proplet_id.is_empty() => self.registry.created(
+                    &create.proplet_id,
+                    &create.namespace,
+                    create.metadata,
+                    now,
+                ),
+                Ok(_) => warn!("ignoring a proplet announcement without proplet_id"),
+                Err(error) => warn!(%error, "ignoring a malformed proplet announcement"),
+            },
+            topic::PROPLET_ALIVE => match serde_json::from_slice::<PropletAlive>(payload) {
+                Ok(alive) if alive.proplet_id.is_empty() => {
+                    warn!("ignoring a heartbeat without proplet_id")
+                }
+                Ok(alive) if alive.status == protocol::OFFLINE => {
+                    self.registry.offline(&alive.proplet_id, "last will")
+                }
+                Ok(alive) => self.registry.alive(&alive.proplet_id, now),
+                Err(error) => warn!(%error, "ignoring a malformed heartbeat"),
+            },
+            topic::PROPLET_RESULTS => match serde_json::from_slice::<TaskResult>(payload) {
+                Ok(result) => self.finish(&result, SystemTime::now()),
+                Err(error) => warn!(%error, "ignoring a malformed task result"),
+            },
+            topic::PROPLET_METRICS => match serde_json::from_slice::<PropletMetrics>(payload) {
+                Ok(metrics) => {
+                    let id = metrics.proplet_id.clone();
+                    if !self.registry.metrics(metrics) {
+                        info!(proplet_id = %id, "metrics from an unknown proplet ignored");
+                    }
+                }
+                Err(error) => warn!(%error, "ignoring malformed proplet metrics"),
+            },
+            _ => {}
+        }
+    }
+
+    /// Counts for `/health` and `/metrics`.
+    pub fn summary(&self, mqtt: ConnectionState) -> Summary {
+        let count = |liveness| self.registry.all().filter(|p| p.state == liveness).count();
+        Summary {
+            mqtt,
+            proplets: [
+                (Liveness::Alive, count(Liveness::Alive)),
+                (Liveness::Discovered, count(Liveness::Discovered)),
+                (Liveness::Offline, count(Liveness::Offline)),
+            ],
+            tasks: TaskState::ALL
+                .iter()
+                .map(|state| (*state, self.tasks.count(*state)))
+                .collect(),
+        }
+    }
+}
+
+/// The manager: its [`State`], and the MQTT client that carries its
+/// decisions to the proplets.
+pub struct Manager {
+    client: Client,
+    channel: Channel,
+    state: Mutex<State>,
+}
+
+impl Manager {
+    /// A manager with nothing known yet.
+    pub fn new(client: Client, channel: Channel, registry: Registry, max_packet: usize) -> Self {
+        Self {
+            client,
+            channel,
+            state: Mutex::new(State {
+                registry,
+                tasks: Tasks::default(),
+                max_packet,
+            }),
+        }
+    }
+
+    /// The state, for reading or for a change that needs no MQTT.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Everything on the channel arrives here.
+    pub fn receive(&self, message: &Message) {
+        if let Some(suffix) = self.channel.suffix(&message.topic) {
+            self.lock()
+                .receive(suffix, &message.payload, Instant::now());
+        }
+    }
+
+    /// Sends a task to its proplet.
+    pub async fn start(&self, id: &str) -> Result<(), ManagerError> {
+        let message = self.lock().schedule(id, SystemTime::now())?;
+        let topic = self.channel.topic(topic::MANAGER_START);
+        match self.client.publish(topic, message).await {
+            Ok(_) => {
+                let state = self.lock();
+                if let Ok(task) = state.task(id) {
+                    info!(task_id = id, proplet_id = %task.proplet_id, function = %task.name, "task started");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let error = format!("cannot publish the task: {e}");
+                self.lock().unschedule(id, error.clone(), SystemTime::now());
+                Err(ManagerError::Unavailable(error))
+            }
+        }
+    }
+
+    /// Asks the task's proplet to stop it.
+    pub async fn stop(&self, id: &str) -> Result<(), ManagerError> {
+        let stop = self.lock().stop(id)?;
+        let topic = self.channel.topic(topic::MANAGER_STOP);
+        let _delivery = self
+            .client
+            .publish(topic, payload(&stop))
+            .await
+            .map_err(|e| ManagerError::Unavailable(format!("cannot publish the stop: {e}")))?;
+        self.lock().stopped(id, SystemTime::now());
+        info!(task_id = id, "task stopped");
+        Ok(())
+    }
+
+    /// Counts for `/health` and `/metrics`.
+    pub fn summary(&self) -> Summary {
+        let mqtt = self.client.state().borrow().clone();
+        self.lock().summary(mqtt)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn state() -> State {
+        State {
+            registry: Registry::new(Duration::from_secs(10)),
+            tasks: Tasks::default(),
+            max_packet: 64 << 10,
+        }
+    }
+
+    fn request(json: &str) -> TaskRequest {
+        serde_json::from_str(json).unwrap()
+    }
+
+    fn alive(state: &mut State, id: &str) {
+        let now = Instant::now();
+        state
+            .registry
+            .created(id, "default", Default::default(), now);
+        state.registry.alive(id, now);
+    }
+
+    #[test]
+    fn a_task_goes_from_pending_to_completed_on_the_least_busy_proplet() {
+        let mut state = state();
+        let now = SystemTime::now();
+        // What upstream's SDK sends: zero times, state omitted, inputs as numbers.
+        let task = state
+            .create(
+                request(r#"{"name":"add","image_url":"add.wasm","inputs":[3,"4"],"start_time":"0001-01-01T00:00:00Z","cli_args":null}"#),
+                now,
+            )
+            .unwrap();
+        assert_eq!(task.state, TaskState::Pending);
+        assert_eq!(task.inputs, ["3", "4"]);
+        assert!(matches!(
+            state.schedule(&task.id, now),
+            Err(ManagerError::Unavailable(_))
+        ));
+        alive(&mut state, "busy");
+        alive(&mut state, "idle");
+        state.registry.get_mut("busy").unwrap().running_tasks = 1;
+        let start: Value = serde_json::from_slice(&state.schedule(&task.id, now).unwrap()).unwrap();
+        assert_eq!(start["proplet_id"], "idle");
+        assert_eq!(start["inputs"], serde_json::json!(["3", "4"]));
+        assert_eq!(state.registry.get("idle").unwrap().running_tasks, 1);
+        assert!(matches!(
+            state.schedule(&task.id, now),
+            Err(ManagerError::Conflict(_))
+        ));
+        // A result from another proplet does not count.
+        let forged = TaskResult::new(&task.id, "busy", Ok("666".into()));
+        state.finish(&forged, now);
+        assert_eq!(state.task(&task.id).unwrap().state, TaskState::Running);
+        state.finish(&TaskResult::new(&task.id, "idle", Ok("7".into())), now);
+        let done = state.task(&task.id).unwrap();
+        assert_eq!(done.state, TaskState::Completed);
+        assert_eq!(done.results, "7");
+        assert_eq!(state.registry.get("idle").unwrap().running_tasks, 0);
+    }
+
+    #[test]
+    fn failures_stops_and_refusals() {
+        let mut state = state();
+        let now = SystemTime::now();
+        alive(&mut state, "p1");
+        assert!(matches!(
+            state.create(request(r#"{"name":""}"#), now),
+            Err(ManagerError::Invalid(_))
+        ));
+        assert!(matches!(
+            state.create(
+                request(r#"{"name":"f","broadcast":true,"proplet_id":"p1"}"#),
+                now
+            ),
+            Err(ManagerError::Invalid(_))
+        ));
+        assert!(matches!(
+            state.create(request(r#"{"name":"f","file":"%%%"}"#), now),
+            Err(ManagerError::Invalid(_))
+        ));
+        let big = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 64 << 10]);
+        assert!(matches!(
+            state.create(request(&format!(r#"{{"name":"f","file":"{big}"}}"#)), now),
+            Err(ManagerError::TooLarge(_))
+        ));
+        let bare = state.create(request(r#"{"name":"f"}"#), now).unwrap();
+        assert!(matches!(
+            state.schedule(&bare.id, now),
+            Err(ManagerError::Invalid(_))
+        ));
+        let task = state
+            .create(
+                request(r#"{"name":"f","file":"AGFzbQEAAAA=","proplet_id":"p1"}"#),
+                now,
+            )
+            .unwrap();
+        state.schedule(&task.id, now).unwrap();
+        assert!(matches!(
+            state.delete(&task.id),
+            Err(ManagerError::Conflict(_))
+        ));
+        assert!(matches!(
+            state.delete_proplet("p1"),
+            Err(ManagerError::Conflict(_))
+        ));
+        state.stop(&task.id).unwrap();
+        state.stopped(&task.id, now);
+        assert_eq!(state.task(&task.id).unwrap().state, TaskState::Interrupted);
+        // The proplet's late report changes nothing.
+        state.finish(&TaskResult::new(&task.id, "p1", Err("stopped".into())), now);
+        assert_eq!(state.task(&task.id).unwrap().state, TaskState::Interrupted);
+        assert!(matches!(
+            state.stop(&task.id),
+            Err(ManagerError::Conflict(_))
+        ));
+        state.delete_proplet("p1").unwrap();
+        state.delete(&task.id).unwrap();
+        assert!(matches!(
+            state.task(&task.id),
+            Err(ManagerError::NotFound(_))
+        ));
+        // A proplet that is not alive takes no task.
+        state
+            .registry
+            .created("p2", "", Default::default(), Instant::now());
+        let pinned = state
+            .create(
+                request(r#"{"name":"f","image_url":"x","proplet_id":"p2"}"#),
+                now,
+            )
+            .unwrap();
+        assert!(matches!(
+            state.schedule(&pinned.id, now),
+            Err(ManagerError::Unavailable(_))
+        ));
+        // A start that cannot be published frees the proplet.
+        alive(&mut state, "p3");
+        let task = state
+            .create(
+                request(r#"{"name":"f","image_url":"x","proplet_id":"p3"}"#),
+                now,
+            )
+            .unwrap();
+        state.schedule(&task.id, now).unwrap();
+        state.unschedule(&task.id, "offline".into(), now);
+        assert_eq!(state.task(&task.id).unwrap().state, TaskState::Failed);
+        assert_eq!(state.registry.get("p3").unwrap().running_tasks, 0);
+    }
+
+    #[test]
+    fn pages_and_filters() {
+        let mut state = state();
+        let now = SystemTime::now();
+        for _ in 0..5 {
+            state.create(request(r#"{"name":"f"}"#), now).unwrap();
+        }
+        let (page, total) = state.tasks.page(Page {
+            offset: 3,
+            limit: 10,
+        });
+        assert_eq!((page.len(), total), (2, 5));
+        alive(&mut state, "a");
+        state
+            .registry
+            .created("b", "", Default::default(), Instant::now());
+        let all = Page {
+            offset: 0,
+            limit: 10,
+        };
+        assert_eq!(state.proplets(all, Some("active")).unwrap().1, 1);
+        assert_eq!(state.proplets(all, Some("inactive")).unwrap().1, 1);
+        assert_eq!(state.proplets(all, None).unwrap().1, 2);
+        assert!(state.proplets(all, Some("dead")).is_err());
+    }
+}
