@@ -412,3 +412,100 @@ fn the_proxy_downloads_modules_over_https() {
         }
     }
 }
+
+/// A WASI command that prints each argument, then each environment entry,
+/// one per line: `fd_write`, `args_get` and `environ_get`.
+fn wasi_echo_module() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module
+        (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
+        (memory (export "memory") 1)
+        (data (i32.const 40) "\n")
+        ;; the iovec at 16, bytes written at 24
+        (func $print (param $ptr i32) (param $len i32)
+          (i32.store (i32.const 16) (local.get $ptr))
+          (i32.store (i32.const 20) (local.get $len))
+          (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24))))
+        (func $line (param $p i32) (local $n i32)
+          (block $end (loop $next
+            (br_if $end (i32.eqz (i32.load8_u (i32.add (local.get $p) (local.get $n)))))
+            (local.set $n (i32.add (local.get $n) (i32.const 1)))
+            (br $next)))
+          (call $print (local.get $p) (local.get $n))
+          (call $print (i32.const 40) (i32.const 1)))
+        ;; prints the $count strings whose pointers start at $pointers
+        (func $lines (param $pointers i32) (param $count i32) (local $i i32)
+          (block $end (loop $next
+            (br_if $end (i32.ge_u (local.get $i) (local.get $count)))
+            (call $line (i32.load (i32.add (local.get $pointers) (i32.shl (local.get $i) (i32.const 2)))))
+            (local.set $i (i32.add (local.get $i) (i32.const 1)))
+            (br $next))))
+        (func (export "_start")
+          (drop (call $args_sizes_get (i32.const 0) (i32.const 4)))
+          (drop (call $args_get (i32.const 1024) (i32.const 4096)))
+          (call $lines (i32.const 1024) (i32.load (i32.const 0)))
+          (drop (call $environ_sizes_get (i32.const 8) (i32.const 12)))
+          (drop (call $environ_get (i32.const 2048) (i32.const 16384)))
+          (call $lines (i32.const 2048) (i32.load (i32.const 8)))))"#,
+    )
+    .unwrap()
+}
+
+/// Upstream's workloads are WASI commands: one runs with its `cli_args` and
+/// `env`, and its stdout is the result. The module arrives by upstream's
+/// upload route, as multipart form data.
+#[test]
+fn a_wasi_command_runs_with_its_arguments_and_environment() {
+    if !servers_available("a_wasi_command_runs_with_its_arguments_and_environment") {
+        return;
+    }
+    let deployment = deploy(Mode::Plain);
+    let api = deployment.api;
+    deployment
+        .manager
+        .wait_for("proplet alive", Duration::from_secs(20));
+    let (status, created) = request(
+        api,
+        "POST",
+        "/tasks",
+        Some(&json!({"name": "_start", "cli_args": ["hello", "world"], "env": {"GREETING": "hi"}})),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap();
+    let (status, uploaded) = propeller_tests::http::upload(
+        api,
+        &format!("/tasks/{id}/upload"),
+        "echo.wasm",
+        &wasi_echo_module(),
+    );
+    assert_eq!(status, 200, "{uploaded}");
+    assert!(
+        uploaded["file"].as_str().unwrap().contains("<REDACTED>"),
+        "{uploaded}"
+    );
+    let (status, started) = request(api, "POST", &format!("/tasks/{id}/start"), None);
+    assert_eq!(status, 200, "{started}");
+    let task = finished_task(api, id, Duration::from_secs(30));
+    assert_eq!(task["state"], COMPLETED, "{task}");
+    let output = task["results"].as_str().unwrap();
+    let lines: Vec<&str> = output.lines().collect();
+    // argv[0] is the program's name, then the task's cli_args.
+    assert_eq!(lines[1..3], ["hello", "world"], "{output}");
+    assert!(lines.contains(&"GREETING=hi"), "{output}");
+    assert!(lines.contains(&"PROPLET_ID=proplet-client"), "{output}");
+    let (status, results) = request(api, "GET", &format!("/tasks/{id}/results"), None);
+    assert_eq!((status, &results["results"]), (200, &json!(output)));
+
+    // A non-module upload is refused, naming why.
+    let (status, refused) =
+        propeller_tests::http::upload(api, &format!("/tasks/{id}/upload"), "echo.txt", b"hi");
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains(".wasm"),
+        "{refused}"
+    );
+}

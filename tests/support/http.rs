@@ -9,17 +9,36 @@ use serde_json::Value;
 
 /// The status and JSON body of `method path` with `body`, from 127.0.0.1:`port`.
 pub fn request(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    exchange(port, method, path, "application/json", body.as_bytes())
+}
+
+/// `PUT path` with `file` as the form field `file`, as `curl -F file=@name`
+/// sends it.
+pub fn upload(port: u16, path: &str, name: &str, file: &[u8]) -> (u16, Value) {
+    let boundary = "propeller-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(file);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    exchange(port, "PUT", path, &content_type, &body)
+}
+
+fn exchange(port: u16, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the manager API");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let body = body.map(Value::to_string).unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .unwrap();
+    stream.write_all(body).unwrap();
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
