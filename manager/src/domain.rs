@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime};
 
 use base64::Engine as _;
 use propeller_mqtt::config::Channel;
+use propeller_mqtt::protocol::Untrusted;
 use propeller_mqtt::protocol::{
     self, de, payload, topic, PropletAlive, PropletCreate, PropletMetrics, StopTask, TaskResult,
 };
@@ -298,7 +299,8 @@ impl State {
         };
         let mut start = task.start_message();
         start.proplet_id = proplet.clone();
-        start.state = TaskState::Running as u8;
+        // What upstream's manager sends: the state before the start.
+        start.state = TaskState::Pending as u8;
         let message = payload(&start);
         if message.len() + PACKET_OVERHEAD > self.max_packet {
             return Err(ManagerError::TooLarge(format!(
@@ -380,15 +382,15 @@ impl State {
         let task = match self.tasks.finish(result, now) {
             Ok(task) => task,
             Err(ignored) => {
-                info!(task_id = %result.task_id, proplet_id = %result.proplet_id, why = ignored.reason(), "result ignored");
+                info!(task_id = %Untrusted(&result.task_id), proplet_id = %Untrusted(&result.proplet_id), why = ignored.reason(), "result ignored");
                 return;
             }
         };
         match task.state {
             TaskState::Completed => {
-                info!(task_id = %task.id, results = %task.results, "task completed")
+                info!(task_id = %task.id, results = %Untrusted(&task.results.to_string()), "task completed")
             }
-            _ => info!(task_id = %task.id, error = %task.error, "task failed"),
+            _ => info!(task_id = %task.id, error = %Untrusted(&task.error), "task failed"),
         }
         let proplet = task.proplet_id.clone();
         self.release(&proplet);
@@ -485,10 +487,16 @@ impl State {
                 Err(error) => warn!(%error, "ignoring a malformed task result"),
             },
             topic::PROPLET_METRICS => match serde_json::from_slice::<PropletMetrics>(payload) {
-                Ok(metrics) => {
+                Ok(mut metrics) => {
+                    // Upstream's manager parses an RFC 3339 string and takes
+                    // the time of arrival for anything else, such as the
+                    // object serde makes of upstream's proplet's SystemTime.
+                    if !metrics.timestamp.is_string() {
+                        metrics.timestamp = protocol::rfc3339(SystemTime::now()).into();
+                    }
                     let id = metrics.proplet_id.clone();
                     if !self.registry.metrics(metrics) {
-                        info!(proplet_id = %id, "metrics from an unknown proplet ignored");
+                        info!(proplet_id = %Untrusted(&id), "metrics from an unknown proplet ignored");
                     }
                 }
                 Err(error) => warn!(%error, "ignoring malformed proplet metrics"),
@@ -558,7 +566,7 @@ impl Manager {
             Ok(_) => {
                 let state = self.lock();
                 if let Ok(task) = state.task(id) {
-                    info!(task_id = id, proplet_id = %task.proplet_id, function = %task.name, "task started");
+                    info!(task_id = id, proplet_id = %Untrusted(&task.proplet_id), function = %Untrusted(&task.name), "task started");
                 }
                 Ok(())
             }

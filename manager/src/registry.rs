@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
+use propeller_mqtt::protocol::Untrusted;
 use propeller_mqtt::protocol::{rfc3339, PropletMetadata, PropletMetrics};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -181,7 +182,7 @@ impl Registry {
 
     fn entry(&mut self, id: &str, now: Instant) -> &mut Proplet {
         self.proplets.entry(id.to_owned()).or_insert_with(|| {
-            info!(proplet_id = %id, "proplet discovered");
+            info!(proplet_id = %Untrusted(id), "proplet discovered");
             Proplet {
                 id: id.to_owned(),
                 state: Liveness::Discovered,
@@ -202,9 +203,13 @@ impl Registry {
         }
         proplet.state = to;
         match to {
-            Liveness::Discovered => info!(proplet_id = %proplet.id, why, "proplet discovered"),
-            Liveness::Alive => info!(proplet_id = %proplet.id, "proplet alive"),
-            Liveness::Offline => info!(proplet_id = %proplet.id, why, "proplet offline"),
+            Liveness::Discovered => {
+                info!(proplet_id = %Untrusted(&proplet.id), why, "proplet discovered")
+            }
+            Liveness::Alive => info!(proplet_id = %Untrusted(&proplet.id), "proplet alive"),
+            Liveness::Offline => {
+                info!(proplet_id = %Untrusted(&proplet.id), why, "proplet offline")
+            }
         }
     }
 }

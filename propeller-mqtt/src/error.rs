@@ -116,6 +116,19 @@ pub enum Error {
         limit: usize,
     },
 
+    /// A message that could never be sent: over the packet size limit.
+    #[error("a message of {size} bytes on {topic} is over the {limit}-byte packet limit ({var}): it is refused, not queued; send less, or raise {var} and the broker's limit (mosquitto's message_size_limit)")]
+    TooLarge {
+        /// The packet size limit variable.
+        var: String,
+        /// The topic, cut to a readable length.
+        topic: String,
+        /// The PUBLISH packet's size.
+        size: usize,
+        /// Its value.
+        limit: usize,
+    },
+
     /// A log filter that tracing cannot parse.
     #[error("{var}={value:?} is not a valid log filter: write a level (error, warn, info, debug, trace) or directives such as info,propeller_mqtt=debug")]
     LogFilter {

@@ -50,6 +50,49 @@ pub fn payload(message: &impl Serialize) -> Bytes {
     Bytes::from(serde_json::to_vec(message).unwrap_or_default())
 }
 
+/// The most bytes of an error text a result or a module error carries: an
+/// error that echoes a huge input must still fit in one packet.
+pub const MAX_ERROR: usize = 4096;
+
+/// `text` cut to at most `max` bytes (on a character boundary), saying how
+/// much was dropped.
+pub fn truncated(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [{} bytes dropped]", &text[..end], text.len() - end).into()
+}
+
+/// A value that came from outside (the channel, the API), for a log line:
+/// control characters escaped, so that a CR or LF cannot forge a line, and
+/// cut to [`Untrusted::MAX`] characters, so that a huge name cannot flood
+/// the log.
+pub struct Untrusted<'a>(pub &'a str);
+
+impl Untrusted<'_> {
+    /// Characters shown.
+    pub const MAX: usize = 200;
+}
+
+impl std::fmt::Display for Untrusted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (shown, c) in self.0.chars().enumerate() {
+            if shown == Self::MAX {
+                return write!(f, "… [{} bytes]", self.0.len());
+            }
+            match c.is_control() {
+                true => write!(f, "{}", c.escape_default())?,
+                false => write!(f, "{c}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `status` of an alive message from a running proplet.
 pub const ALIVE: &str = "alive";
 /// `status` of the last will, published by the broker when a proplet vanishes.
@@ -311,7 +354,10 @@ impl TaskResult {
     pub fn new(task_id: &str, proplet_id: &str, outcome: Result<String, String>) -> Self {
         let (results, error) = match outcome {
             Ok(results) => (results, None),
-            Err(error) => (String::new(), Some(error)),
+            Err(error) => (
+                String::new(),
+                Some(truncated(&error, MAX_ERROR).into_owned()),
+            ),
         };
         Self {
             task_id: task_id.to_owned(),
@@ -566,6 +612,21 @@ mod tests {
         let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(|k| &**k).collect();
         keys.sort_unstable();
         assert_eq!(keys, ["app_name", "chunk_idx", "data", "total_chunks"]);
+    }
+
+    #[test]
+    fn outside_text_is_bounded_and_escaped() {
+        let huge = "x".repeat(3 << 20);
+        let result = TaskResult::new("t", "p", Err(format!("input 0: {huge:?}")));
+        assert!(payload(&result).len() < MAX_ERROR + 200);
+        assert_eq!(truncated("héllo", 2), "h… [5 bytes dropped]");
+        assert_eq!(truncated("short", 10), "short");
+        assert_eq!(
+            Untrusted("a\r\nINFO forged").to_string(),
+            "a\\r\\nINFO forged"
+        );
+        let shown = Untrusted(&huge).to_string();
+        assert!(shown.len() < 250 && shown.ends_with(&format!("[{} bytes]", huge.len())));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use propeller_mqtt::config::value;
 use propeller_mqtt::config::Channel;
+use propeller_mqtt::protocol::Untrusted;
 use propeller_mqtt::protocol::{
     self, addressed_to, payload, topic, PropletAlive, PropletCreate, StartTask, StopTask,
     TaskResult, DEFAULT_NAMESPACE,
@@ -189,7 +190,7 @@ impl Proplet {
             {
                 Ok(stop) if addressed_to(stop.broadcast, &stop.proplet_id, &self.id) => {
                     if let Some(cancel) = tasks.get(&stop.id) {
-                        info!(task_id = %stop.id, "stopping task");
+                        info!(task_id = %Untrusted(&stop.id), "stopping task");
                         let _ = cancel.send(true);
                     }
                 }
@@ -220,18 +221,22 @@ impl Proplet {
             return;
         }
         if tasks.contains_key(&task.id) {
-            warn!(task_id = %task.id, "task already running; ignoring the second start");
+            warn!(task_id = %Untrusted(&task.id), "task already running; ignoring the second start");
             return;
         }
-        info!(task_id = %task.id, function = %task.name, "starting task");
+        info!(task_id = %Untrusted(&task.id), function = %Untrusted(&task.name), "starting task");
         let (cancel, stopped) = watch::channel(false);
         tasks.insert(task.id.clone(), cancel);
         let (proplet, finished) = (self.clone(), finished.clone());
         tokio::spawn(async move {
             let outcome = proplet.execute(&task, stopped).await;
             match &outcome {
-                Ok(results) => info!(task_id = %task.id, %results, "task completed"),
-                Err(error) => warn!(task_id = %task.id, error, "task failed"),
+                Ok(results) => {
+                    info!(task_id = %Untrusted(&task.id), results = %Untrusted(results), "task completed")
+                }
+                Err(error) => {
+                    warn!(task_id = %Untrusted(&task.id), error = %Untrusted(error), "task failed")
+                }
             }
             let result = TaskResult::new(&task.id, &proplet.id, outcome);
             let results_topic = proplet.channel.topic(topic::PROPLET_RESULTS);

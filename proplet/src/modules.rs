@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
+use propeller_mqtt::protocol::Untrusted;
 use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
 use propeller_mqtt::{Client, Error};
 use tokio::sync::oneshot;
@@ -228,7 +229,7 @@ impl Modules {
             app_name: app_name.to_owned(),
         });
         info!(
-            %app_name,
+            app_name = %Untrusted(app_name),
             topic = topic::REGISTRY_REQUEST,
             "asking the proxy for the module"
         );
@@ -252,15 +253,15 @@ impl Modules {
         let outcome = match state.assembler.add(chunk, Instant::now()) {
             Added::Partial => return,
             Added::Ignored(why) => {
-                debug!(%app_name, why, "chunk ignored");
+                debug!(app_name = %Untrusted(&app_name), why, "chunk ignored");
                 return;
             }
             Added::Complete(module) => {
-                info!(%app_name, bytes = module.len(), "module received");
+                info!(app_name = %Untrusted(&app_name), bytes = module.len(), "module received");
                 Ok(module)
             }
             Added::Failed(why) => {
-                warn!(%app_name, why, "module fetch failed");
+                warn!(app_name = %Untrusted(&app_name), why, "module fetch failed");
                 Err(why)
             }
         };
@@ -277,7 +278,7 @@ impl Modules {
             return;
         };
         state.assembler.abandon(&error.app_name);
-        warn!(app_name = %error.app_name, why = %error.error, "module fetch failed");
+        warn!(app_name = %Untrusted(&error.app_name), why = %Untrusted(&error.error), "module fetch failed");
         let why = format!("the proxy cannot serve it: {}", error.error);
         for waiter in waiters {
             let _ = waiter.send(Err(why.clone()));
@@ -287,7 +288,7 @@ impl Modules {
     /// Drops stale partial chunk sets.
     pub fn sweep(&self) {
         for app_name in self.lock().assembler.sweep(Instant::now()) {
-            info!(%app_name, "dropped an incomplete module after 5 minutes");
+            info!(app_name = %Untrusted(&app_name), "dropped an incomplete module after 5 minutes");
         }
     }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use base64::Engine as _;
 use bytes::Bytes;
 use propeller_mqtt::config::value;
+use propeller_mqtt::protocol::Untrusted;
 use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
 use propeller_mqtt::service::{self, Context};
 use propeller_mqtt::{Client, Config, Error, Service};
@@ -21,12 +22,15 @@ use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
 use http::{BaseUrl, HttpSource};
-use store::{FetchError, Store};
+use store::{file_name, FetchError, Store, MAX_APP_NAME};
+use tokio::sync::Semaphore;
 
 /// Upstream's chunk size: about 683 KB once base64 in JSON.
 const DEFAULT_CHUNK_SIZE: usize = 512_000;
 /// Room in a chunk's packet for the topic, the JSON and MQTT's header.
-const CHUNK_OVERHEAD: usize = 1024;
+const CHUNK_OVERHEAD: usize = 1024 + MAX_APP_NAME;
+/// Modules read or downloaded at once; more requests wait their turn.
+const MAX_FETCHES: usize = 8;
 
 struct Settings {
     store: Store,
@@ -121,9 +125,14 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
         chunk_topic: context.config.channel.topic(topic::REGISTRY_CHUNK),
         error_topic: context.config.channel.topic(topic::REGISTRY_ERROR),
         fetches: Mutex::default(),
+        slots: Semaphore::new(MAX_FETCHES),
     });
     while let Some(message) = context.messages.recv().await {
         match serde_json::from_slice::<ModuleRequest>(&message.payload) {
+            Ok(request) if request.app_name.len() > MAX_APP_NAME => warn!(
+                app_name = %Untrusted(&request.app_name),
+                "ignoring a module request whose app_name is over {MAX_APP_NAME} bytes"
+            ),
             Ok(request) => {
                 let proxy = proxy.clone();
                 tokio::spawn(async move { proxy.answer(request.app_name).await });
@@ -144,26 +153,31 @@ struct Proxy {
     client: Client,
     chunk_topic: String,
     error_topic: String,
-    /// Downloads under way, so that requests for the same module share one.
+    /// Reads and downloads under way, by file, so that requests for the
+    /// same module under different names share one.
     fetches: Mutex<HashMap<String, Fetch>>,
+    /// Bounds the memory and connections that reads and downloads take.
+    slots: Semaphore,
 }
 
 impl Proxy {
     async fn answer(&self, app_name: String) {
-        info!(%app_name, "module requested");
-        let fetch = self.lock().entry(app_name.clone()).or_default().clone();
+        info!(app_name = %Untrusted(&app_name), "module requested");
+        // A name that is not a file is refused before any read or request.
+        let key = file_name(&app_name).unwrap_or_else(|_| app_name.clone());
+        let fetch = self.lock().entry(key.clone()).or_default().clone();
         let module = fetch
-            .get_or_init(|| self.store.fetch(&app_name))
+            .get_or_init(|| async {
+                let _slot = self.slots.acquire().await;
+                self.store.fetch(&app_name).await
+            })
             .await
             .clone();
         {
             // Done: the next request reads the store again, and sees updates.
             let mut fetches = self.lock();
-            if fetches
-                .get(&app_name)
-                .is_some_and(|f| Arc::ptr_eq(f, &fetch))
-            {
-                fetches.remove(&app_name);
+            if fetches.get(&key).is_some_and(|f| Arc::ptr_eq(f, &fetch)) {
+                fetches.remove(&key);
             }
         }
         let module = module.and_then(|module| match module.is_empty() {
@@ -176,7 +190,7 @@ impl Proxy {
         match module {
             Ok(module) => self.send(app_name, &module).await,
             Err(error) => {
-                warn!(%app_name, error = error.detail, "cannot serve the module");
+                warn!(app_name = %Untrusted(&app_name), error = %Untrusted(&error.detail), "cannot serve the module");
                 // Not on the chunk topic: an upstream proplet would take any
                 // message there for a chunk and wait for the rest.
                 let message = payload(&ModuleError {
@@ -184,7 +198,7 @@ impl Proxy {
                     error: error.public,
                 });
                 if let Err(error) = self.client.publish(self.error_topic.clone(), message).await {
-                    warn!(%app_name, "cannot publish the module error: {error}");
+                    warn!(app_name = %Untrusted(&app_name), "cannot publish the module error: {error}");
                 }
             }
         }
@@ -202,7 +216,7 @@ impl Proxy {
             .await;
         }
         info!(
-            %app_name,
+            app_name = %Untrusted(&app_name),
             bytes = module.len(),
             chunks = total,
             "module sent"
@@ -215,7 +229,7 @@ impl Proxy {
             .publish(self.chunk_topic.clone(), payload(&chunk))
             .await
         {
-            warn!(app_name = %chunk.app_name, chunk = chunk.chunk_idx, "cannot publish a chunk: {error}");
+            warn!(app_name = %Untrusted(&chunk.app_name), chunk = chunk.chunk_idx, "cannot publish a chunk: {error}");
         }
     }
 

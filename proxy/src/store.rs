@@ -15,11 +15,17 @@ use crate::http::HttpSource;
 /// The largest module the proxy serves.
 pub const MAX_MODULE: usize = 256 << 20;
 
-/// The file `app_name` names.
+/// The longest `app_name` answered; longer ones are not echoed to the
+/// channel, where every client would receive them.
+pub const MAX_APP_NAME: usize = 1024;
+
+/// The file `app_name` names: only `[A-Za-z0-9._-]`, not starting with a
+/// dot, so that it can be neither a path, nor a URL's query or fragment, nor
+/// a percent-encoded escape from `PROXY_MODULES_URL`.
 ///
 /// # Errors
 ///
-/// It names no file, or one outside the store (`..`).
+/// It names no file, or one that is not a plain file name.
 pub fn file_name(app_name: &str) -> Result<String, String> {
     let last = app_name
         .trim()
@@ -29,9 +35,13 @@ pub fn file_name(app_name: &str) -> Result<String, String> {
         .unwrap_or_default();
     let last = last.split('@').next().unwrap_or_default();
     let last = last.split(':').next().unwrap_or_default();
-    if last.is_empty() || last == "." || last == ".." || last.contains('\\') {
+    let plain = last
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if last.is_empty() || last.starts_with('.') || !plain {
         return Err(format!(
-            "app_name {app_name:?} names no module file: write a name such as add.wasm or registry/add:v1"
+            "app_name {:?} names no module file: its last part may hold only letters, digits, '.', '_' and '-', such as add.wasm or registry/add:v1",
+            propeller_mqtt::protocol::truncated(app_name, 200)
         ));
     }
     Ok(match last.contains('.') {
@@ -83,6 +93,25 @@ impl Store {
         let name = file_name(app_name).map_err(|e| FetchError::new(e.clone(), e))?;
         if let Some(dir) = &self.dir {
             let path = dir.join(&name);
+            match inside(dir, &path).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(FetchError::failed(
+                        &name,
+                        format!(
+                            "{} leads out of PROXY_MODULES_DIR (a symbolic link): refused",
+                            path.display()
+                        ),
+                    ))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(FetchError::failed(
+                        &name,
+                        format!("cannot read {}: {e}", path.display()),
+                    ))
+                }
+            }
             match tokio::fs::metadata(&path).await {
                 Ok(meta) if meta.len() > MAX_MODULE as u64 => {
                     return Err(FetchError::new(
@@ -133,6 +162,13 @@ impl Store {
     }
 }
 
+/// Whether `path`, links resolved, is inside `dir`, links resolved.
+async fn inside(dir: &std::path::Path, path: &std::path::Path) -> std::io::Result<bool> {
+    let dir = tokio::fs::canonicalize(dir).await?;
+    let path = tokio::fs::canonicalize(path).await?;
+    Ok(path.starts_with(dir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,7 +186,21 @@ mod tests {
         ] {
             assert_eq!(file_name(app_name).as_deref(), Ok(file), "{app_name}");
         }
-        for bad in ["", "/", "x/..", "x/.", "a\\..\\b", ":tag"] {
+        for bad in [
+            "",
+            "/",
+            "x/..",
+            "x/.",
+            "a\\..\\b",
+            ":tag",
+            "..%2fsecret.txt",
+            "%2e%2e%2fsecret",
+            "#",
+            "add.wasm?x",
+            "add wasm",
+            ".hidden",
+            "a\nb",
+        ] {
             assert!(file_name(bad).is_err(), "{bad:?}");
         }
     }
@@ -176,5 +226,19 @@ mod tests {
         );
         assert!(error.public.starts_with("the proxy has no module sub.wasm"));
         assert!(!error.public.contains(&dir.path().display().to_string()));
+        // A link out of the directory is not followed.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.txt"), b"secret").unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.txt"),
+            dir.path().join("leak.wasm"),
+        )
+        .unwrap();
+        let error = store.fetch("leak").await.unwrap_err();
+        assert!(error.detail.contains("leads out of"), "{error:?}");
+        // A link inside it is.
+        std::os::unix::fs::symlink(dir.path().join("add.wasm"), dir.path().join("alias.wasm"))
+            .unwrap();
+        assert!(store.fetch("alias").await.is_ok());
     }
 }

@@ -104,6 +104,24 @@ impl Shared {
     }
 }
 
+/// The size of a PUBLISH packet: fixed header, remaining length, topic,
+/// packet id (QoS 1 and 2) and payload, as rumqttc checks it against the
+/// maximum packet size.
+fn publish_size(topic: usize, payload: usize, qos: QoS) -> usize {
+    let id = match qos {
+        QoS::AtMostOnce => 0,
+        _ => 2,
+    };
+    let remaining = 2 + topic + id + payload;
+    let length_bytes = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + length_bytes + remaining
+}
+
 /// What a client handle asks of the driver.
 #[derive(Debug)]
 pub(crate) enum Command {
@@ -130,6 +148,8 @@ struct Inner {
     shutdown_timeout: Duration,
     outbox_var: String,
     outbox_limit: usize,
+    max_packet_var: String,
+    max_packet: usize,
 }
 
 impl Client {
@@ -204,6 +224,8 @@ impl Client {
             shutdown_timeout: config.connect_timeout,
             outbox_var: config.service.var("MQTT_OUTBOX_LIMIT"),
             outbox_limit: config.outbox_limit,
+            max_packet_var: config.service.var("MQTT_MAX_PACKET_SIZE"),
+            max_packet: config.max_packet_size,
         };
         Ok((
             Client {
@@ -224,6 +246,8 @@ impl Client {
     ///
     /// # Errors
     ///
+    /// [`Error::TooLarge`] for a message over `<P>_MQTT_MAX_PACKET_SIZE`,
+    /// which the broker would refuse on every attempt, so it is never queued;
     /// [`Error::OutboxFull`] when `<P>_MQTT_OUTBOX_LIMIT` messages already wait
     /// for the broker; [`Error::Closed`] once the client has shut down.
     pub async fn publish(
@@ -234,10 +258,20 @@ impl Client {
         if *self.inner.stop.borrow() {
             return Err(Error::Closed);
         }
+        let (topic, payload) = (topic.into(), payload.into());
+        let size = publish_size(topic.len(), payload.len(), self.inner.qos);
+        if size > self.inner.max_packet {
+            return Err(Error::TooLarge {
+                var: self.inner.max_packet_var.clone(),
+                topic: topic.chars().take(200).collect(),
+                size,
+                limit: self.inner.max_packet,
+            });
+        }
         let mut shared = self.inner.shared.lock().await;
         let (id, delivered) = shared
             .outbox
-            .add(topic.into(), payload.into(), self.inner.qos)
+            .add(topic, payload, self.inner.qos)
             .map_err(|_| Error::OutboxFull {
                 var: self.inner.outbox_var.clone(),
                 limit: self.inner.outbox_limit,
@@ -314,5 +348,29 @@ impl Client {
             }
         }
         left
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our size check agrees with the one rumqttc applies when writing, at
+    /// every boundary of the remaining-length encoding.
+    #[test]
+    fn publish_size_is_rumqttcs() {
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            for payload in [0, 100, 122, 123, 124, 16_370, 16_380, 2_097_140, 2_097_150] {
+                let topic = "m/d/c/ch/control/proplet/results";
+                let mut packet = rumqttc::Publish::new(topic, qos, vec![0u8; payload]);
+                // As sent: rumqttc gives QoS 1 and 2 a packet id.
+                packet.pkid = 1;
+                assert_eq!(
+                    publish_size(topic.len(), payload, qos),
+                    rumqttc::Packet::Publish(packet).size(),
+                    "{qos:?} {payload}"
+                );
+            }
+        }
     }
 }
