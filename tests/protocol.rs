@@ -15,11 +15,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use propeller_tests::http::{api_port, request};
+use propeller_tests::http::{
+    api_port, finished_task, request, start_task, COMPLETED, FAILED, INTERRUPTED,
+};
 use propeller_tests::{
     servers_available, Edge, Env, FileServer, Identity, Mosquitto, Pki, ServiceProcess,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// Bytes of data the add module carries, so that it takes 4 chunks of 512000.
 const PADDING: usize = 1_600_000;
@@ -125,39 +127,6 @@ fn deploy_with(mode: Mode, proxy: impl FnOnce(&mut Env, &Path)) -> Deployment {
         _edge: edge,
         _broker: broker,
     }
-}
-
-/// Upstream's task states.
-const COMPLETED: u64 = 3;
-const FAILED: u64 = 4;
-const INTERRUPTED: u64 = 6;
-
-/// Polls `GET /tasks/{id}` until the task has finished.
-fn finished_task(api: u16, id: &str, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (status, task) = request(api, "GET", &format!("/tasks/{id}"), None);
-        assert_eq!(status, 200, "{task}");
-        if [COMPLETED, FAILED, INTERRUPTED].contains(&task["state"].as_u64().unwrap_or_default()) {
-            return task;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "task not finished within {timeout:?}: {task}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Creates the task, then starts it, as upstream's CLI does.
-fn start_task(api: u16, task: Value) -> String {
-    let (status, created) = request(api, "POST", "/tasks", Some(&task));
-    assert_eq!(status, 201, "{created}");
-    assert_eq!(created["state"], 0, "{created}");
-    let id = created["id"].as_str().unwrap().to_owned();
-    let (status, started) = request(api, "POST", &format!("/tasks/{id}/start"), None);
-    assert_eq!((status, &started), (200, &json!({"started": true})));
-    id
 }
 
 fn services_work_together(test: &str, mode: Mode) {

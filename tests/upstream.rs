@@ -26,15 +26,14 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use propeller_tests::http::{api_port, request};
-use propeller_tests::{
-    client_id, servers_available, Env, Identity, Mosquitto, Pki, ServiceProcess, CONNECTED,
-};
-use rumqttc::{Client, Event, Incoming, MqttOptions, QoS, RecvTimeoutError};
+use propeller_tests::http::request;
+use propeller_tests::lab::{logs, Lab, Message, Mqtt};
+use propeller_tests::servers_available;
+use rumqttc::QoS;
 use serde_json::{json, Value};
 
 /// The channel base, `m/<domain>/c/<channel>`.
@@ -107,299 +106,12 @@ fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-// ---------------------------------------------------------------------------
-// The deployment
-
-const MANAGER: usize = 0;
-const PROPLET: usize = 1;
-const PROXY: usize = 2;
-/// The broker account of whatever this test plays: upstream's manager,
-/// proplet, or a proplet asking the proxy.
-const UPSTREAM: usize = 3;
-
-/// mosquitto, the identities it knows, and the proxy's module directory.
-struct Lab {
-    ids: Vec<Identity>,
-    modules: tempfile::TempDir,
-    broker: Mosquitto,
-}
-
-impl Lab {
-    fn start() -> Lab {
-        let pki = Pki::shared();
-        let ids: Vec<Identity> = ["manager", "proplet", "proxy", "upstream"]
-            .into_iter()
-            .map(|name| pki.identity(name))
-            .collect();
-        let broker = Mosquitto::for_clients(pki, &ids.iter().collect::<Vec<_>>());
-        let modules = tempfile::tempdir().unwrap();
-        std::fs::write(modules.path().join("add.wasm"), big_add_module()).unwrap();
-        std::fs::write(modules.path().join("divide.wasm"), divide_module()).unwrap();
-        Lab {
-            ids,
-            modules,
-            broker,
-        }
-    }
-
-    fn env(&self, prefix: &str, who: usize) -> Env {
-        let mut env = Env::new(prefix, &self.ids[who]);
-        env.plain(self.broker.plain);
-        env
-    }
-
-    /// Our manager, connected, and its API port.
-    fn manager(&self) -> (ServiceProcess, u16) {
-        let mut env = self.env("MANAGER", MANAGER);
-        env.set("LIVELINESS_INTERVAL", "1s");
-        let manager = ServiceProcess::start("manager", &env.vars);
-        let api = api_port(&manager.wait_for("HTTP API listening", Duration::from_secs(20)));
-        manager.wait_for(CONNECTED, Duration::from_secs(20));
-        (manager, api)
-    }
-
-    /// Our proxy serving the module directory, connected.
-    fn proxy(&self) -> ServiceProcess {
-        let mut env = self.env("PROXY", PROXY);
-        env.path("MODULES_DIR", self.modules.path());
-        let proxy = ServiceProcess::start("proxy", &env.vars);
-        proxy.wait_for(CONNECTED, Duration::from_secs(20));
-        proxy
-    }
-
-    /// Our proplet, heartbeat and metrics every second.
-    fn proplet(&self) -> ServiceProcess {
-        let mut env = self.env("PROPLET", PROPLET);
-        env.set("LIVELINESS_INTERVAL", "1s");
-        ServiceProcess::start("proplet", &env.vars)
-    }
-
-    /// A raw MQTT client on the test channel, as the upstream side.
-    fn client(&self, id: &str) -> Mqtt {
-        Mqtt::connect(self.broker.plain, &self.ids[UPSTREAM], id)
-    }
-
-    fn module(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.modules.path().join(name)).unwrap()
-    }
-}
-
-/// The last lines of each service's output, for failure messages.
-fn logs(services: &[(&str, &ServiceProcess)]) -> String {
-    let mut text = String::new();
-    for (name, service) in services {
-        let output = service.output();
-        let lines: Vec<&str> = output.lines().collect();
-        let tail = &lines[lines.len().saturating_sub(40)..];
-        text.push_str(&format!("--- {name} (last {} lines) ---\n", tail.len()));
-        for line in tail {
-            text.push_str(line);
-            text.push('\n');
-        }
-    }
-    text
-}
-
-// ---------------------------------------------------------------------------
-// A raw MQTT client
-
-/// One message received.
-#[derive(Clone)]
-struct Message {
-    topic: String,
-    payload: Vec<u8>,
-}
-
-impl Message {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.payload).unwrap_or_else(|e| {
-            panic!(
-                "not JSON on {}: {e}: {}",
-                self.topic,
-                String::from_utf8_lossy(&self.payload)
-            )
-        })
-    }
-
-    fn text(&self) -> String {
-        let text = String::from_utf8_lossy(&self.payload);
-        match text.len() > 300 {
-            true => format!(
-                "{}… ({} bytes)",
-                text.chars().take(300).collect::<String>(),
-                self.payload.len()
-            ),
-            false => text.into_owned(),
-        }
-    }
-}
-
-enum Note {
-    SubAck,
-    Message(Message),
-}
-
-/// rumqttc's blocking client with its event loop on a thread; every message
-/// received is kept, in order.
-struct Mqtt {
-    client: Client,
-    notes: mpsc::Receiver<Note>,
-    received: Vec<Message>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Mqtt {
-    fn connect(port: u16, identity: &Identity, id: &str) -> Mqtt {
-        let mut options = MqttOptions::new(id, "127.0.0.1", port);
-        options
-            .set_credentials(client_id(identity.name), identity.secret.clone())
-            .set_keep_alive(Duration::from_secs(10))
-            // Chunks are about 683 KB of JSON; rumqttc's default is 10 KiB.
-            .set_max_packet_size(16 << 20, 16 << 20);
-        let (client, mut connection) = Client::new(options, 100);
-        let (tx, notes) = mpsc::channel();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread_stop = stop.clone();
-        let thread = std::thread::spawn(move || {
-            while !thread_stop.load(Ordering::SeqCst) {
-                let note = match connection.recv_timeout(Duration::from_millis(100)) {
-                    Ok(Ok(Event::Incoming(Incoming::Publish(publish)))) => Note::Message(Message {
-                        topic: publish.topic.clone(),
-                        payload: publish.payload.to_vec(),
-                    }),
-                    Ok(Ok(Event::Incoming(Incoming::SubAck(_)))) => Note::SubAck,
-                    Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => continue,
-                    Ok(Err(_)) => {
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                };
-                if tx.send(note).is_err() {
-                    break;
-                }
-            }
-        });
-        Mqtt {
-            client,
-            notes,
-            received: Vec::new(),
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    /// Subscribes at QoS 1 and waits for the SUBACK.
-    fn subscribe(&mut self, topic: &str) {
-        self.client.subscribe(topic, QoS::AtLeastOnce).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no SUBACK for {topic} within 10 s");
-            match self.notes.recv_timeout(left) {
-                Ok(Note::SubAck) => return,
-                Ok(Note::Message(message)) => self.received.push(message),
-                Err(_) => {}
-            }
-        }
-    }
-
-    /// Publishes at QoS 2, upstream's default `MQTT_QOS`.
-    fn publish(&self, topic: &str, payload: &str) {
-        self.client
-            .publish(topic, QoS::ExactlyOnce, false, payload.as_bytes().to_vec())
-            .unwrap();
-    }
-
-    /// Takes in whatever arrived, waiting at most `wait` for the first.
-    fn pump(&mut self, wait: Duration) {
-        if let Ok(Note::Message(message)) = self.notes.recv_timeout(wait) {
-            self.received.push(message);
-        }
-        while let Ok(note) = self.notes.try_recv() {
-            if let Note::Message(message) = note {
-                self.received.push(message);
-            }
-        }
-    }
-
-    /// Keeps receiving for `duration`.
-    fn listen(&mut self, duration: Duration) {
-        let deadline = Instant::now() + duration;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            self.pump(left);
-        }
-    }
-
-    /// The first message received (ever) that `matches`, waiting at most
-    /// `timeout`; panics with what was received and `logs()` otherwise.
-    fn wait_for(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        logs: impl Fn() -> String,
-        matches: impl Fn(&Message) -> bool,
-    ) -> Message {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(message) = self.received.iter().find(|m| matches(m)) {
-                return message.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                panic!(
-                    "no {what} within {timeout:?}; received:\n{}\n{}",
-                    self.summary(),
-                    logs()
-                );
-            }
-            self.pump(left.min(Duration::from_millis(200)));
-        }
-    }
-
-    /// How many messages came on each topic, and the last few.
-    fn summary(&self) -> String {
-        let mut counts = std::collections::BTreeMap::new();
-        for message in &self.received {
-            *counts.entry(message.topic.as_str()).or_insert(0) += 1;
-        }
-        let mut text: Vec<String> = counts
-            .iter()
-            .map(|(topic, count)| format!("  {count} on {topic}"))
-            .collect();
-        let last = &self.received[self.received.len().saturating_sub(15)..];
-        text.push(format!("  the last {}:", last.len()));
-        text.extend(
-            last.iter()
-                .map(|m| format!("    {}: {}", m.topic, m.text())),
-        );
-        text.join("\n")
-    }
-
-    /// Every message received so far on `topic`.
-    fn on(&self, topic: &str) -> Vec<Message> {
-        self.received
-            .iter()
-            .filter(|m| m.topic == topic)
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for Mqtt {
-    fn drop(&mut self) {
-        let _ = self.client.disconnect();
-        std::thread::sleep(Duration::from_millis(50));
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// The lab, with the modules these tests serve.
+fn upstream_lab() -> Lab {
+    let lab = Lab::start();
+    std::fs::write(lab.modules.path().join("add.wasm"), big_add_module()).unwrap();
+    std::fs::write(lab.modules.path().join("divide.wasm"), divide_module()).unwrap();
+    lab
 }
 
 /// `{"k":v,…}` with the keys in the given order, as Go's encoding/json and
@@ -764,7 +476,7 @@ fn upstream_sdk_drives_our_manager() {
     let Some(driver) = SdkDriver::build(TEST) else {
         return;
     };
-    let lab = Lab::start();
+    let lab = upstream_lab();
     let proxy = lab.proxy();
     let (manager, api) = lab.manager();
     let proplet = lab.proplet();
@@ -841,7 +553,7 @@ fn our_proplet_runs_an_upstream_managers_start() {
     if !servers_available(TEST) {
         return;
     }
-    let lab = Lab::start();
+    let lab = upstream_lab();
     let proxy = lab.proxy();
     let mut mqtt = lab.client("upstream-manager");
     mqtt.subscribe(&format!("{BASE}/control/proplet/#"));
@@ -1068,7 +780,7 @@ fn our_proxy_serves_upstream_proplets() {
     if !servers_available(TEST) {
         return;
     }
-    let lab = Lab::start();
+    let lab = upstream_lab();
     let proxy = lab.proxy();
     let services = [("proxy", &proxy)];
     let logs = || logs(&services);
@@ -1200,7 +912,7 @@ fn our_manager_drives_an_upstream_proplet() {
     if !servers_available(TEST) {
         return;
     }
-    let lab = Lab::start();
+    let lab = upstream_lab();
     let (manager, api) = lab.manager();
     let services = [("manager", &manager)];
     let logs = || logs(&services);

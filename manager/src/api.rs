@@ -41,13 +41,18 @@ use tracing::{debug, warn};
 use crate::domain::{Manager, ManagerError, Summary, TaskRequest};
 use crate::tasks::Page;
 
-/// The largest request body, as upstream's `maxFileSize`.
-const MAX_BODY: usize = 100 << 20;
+/// The largest request body: a module that fits in a start of the default
+/// 10 MiB packet, base64 in JSON, with room to spare. (Upstream takes 100 MiB,
+/// but no start that large could ever be published.)
+const MAX_BODY: usize = 16 << 20;
+/// Request bodies read at once, so that memory stays bounded however many
+/// clients send large bodies together.
+const BODY_SLOTS: usize = 8;
 /// Upstream's page defaults and largest task page.
 const DEFAULT_LIMIT: u64 = 10;
 const MAX_LIMIT: u64 = 100;
 /// A client that has not sent its headers by then is dropped (slowloris).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 256;
 
@@ -360,6 +365,8 @@ fn parameter(query: &str, name: &str) -> Option<String> {
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Reply> {
+    static SLOTS: Semaphore = Semaphore::const_new(BODY_SLOTS);
+    let _slot = SLOTS.acquire().await;
     Ok(Limited::new(request.into_body(), MAX_BODY)
         .collect()
         .await

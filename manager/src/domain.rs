@@ -24,6 +24,12 @@ use crate::tasks::{Page, Task, TaskState, Tasks};
 const PACKET_OVERHEAD: usize = 1024;
 /// Upstream's limit on a task's metadata.
 const MAX_METADATA: usize = 1 << 20;
+/// The longest name, proplet id or image URL a task may have.
+const MAX_NAME: usize = 256;
+const MAX_IMAGE_URL: usize = 1024;
+/// The most bytes a task's inputs, arguments and environment may hold
+/// together (as JSON): they travel in every start.
+const MAX_ARGUMENTS: usize = 64 << 10;
 
 /// Why a request cannot be done. Each maps to one HTTP status in `api.rs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +117,23 @@ impl TaskRequest {
     }
 
     fn check(&self) -> Result<(), ManagerError> {
+        let too_long = |field: &str, value: &str, max: usize| match value.len() > max {
+            true => Err(ManagerError::Invalid(format!(
+                "{field} is {} bytes, over the {max}-byte limit",
+                value.len()
+            ))),
+            false => Ok(()),
+        };
+        too_long("name", &self.name, MAX_NAME)?;
+        too_long("proplet_id", &self.proplet_id, MAX_NAME)?;
+        too_long("image_url", &self.image_url, MAX_IMAGE_URL)?;
+        let arguments =
+            serde_json::to_vec(&(&self.inputs, &self.cli_args, &self.env)).map_or(0, |a| a.len());
+        if arguments > MAX_ARGUMENTS {
+            return Err(ManagerError::TooLarge(format!(
+                "inputs, cli_args and env are {arguments} bytes together, over the {MAX_ARGUMENTS}-byte limit: pass large data in the module or through a preopened directory"
+            )));
+        }
         if !(0..=100).contains(&self.priority) {
             return Err(ManagerError::Invalid(format!(
                 "priority must be between 0 and 100, not {}",
@@ -292,6 +315,11 @@ impl State {
                 Some(p) if !p.alive() => {
                     return Err(ManagerError::Unavailable(format!(
                         "proplet {wanted} is not alive"
+                    )))
+                }
+                Some(p) if !p.announced => {
+                    return Err(ManagerError::Unavailable(format!(
+                        "proplet {wanted} has sent heartbeats but never announced itself (control/proplet/create): restart it"
                     )))
                 }
                 Some(p) => p.id.clone(),
@@ -505,6 +533,37 @@ impl State {
         }
     }
 
+    /// Once a second: proplets silent too long go offline, and the tasks
+    /// of proplets gone offline fail, since no result will come for them.
+    pub fn sweep(&mut self, now: Instant) {
+        self.registry.sweep(now);
+        let lost = self.registry.lost();
+        if lost.is_empty() {
+            return;
+        }
+        let running: Vec<(String, String)> = self
+            .tasks
+            .running()
+            .filter(|t| lost.contains(&t.proplet_id))
+            .map(|t| (t.id.clone(), t.proplet_id.clone()))
+            .collect();
+        for (task, proplet) in running {
+            info!(task_id = %task, proplet_id = %Untrusted(&proplet), "task failed: its proplet went offline");
+            self.end(
+                &task,
+                TaskState::Failed,
+                format!("proplet {proplet} went offline while running the task"),
+                SystemTime::now(),
+            );
+        }
+        // Counts left over from broadcast tasks, which have no one proplet.
+        for id in lost {
+            if let Some(proplet) = self.registry.get_mut(&id) {
+                proplet.running_tasks = 0;
+            }
+        }
+    }
+
     /// Counts for `/health` and `/metrics`.
     pub fn summary(&self, mqtt: ConnectionState) -> Summary {
         let count = |liveness| self.registry.all().filter(|p| p.state == liveness).count();
@@ -683,6 +742,19 @@ mod tests {
             state.create(request(r#"{"name":"f","file":"%%%"}"#), now),
             Err(ManagerError::Invalid(_))
         ));
+        let long_name = format!(r#"{{"name":"{}"}}"#, "n".repeat(MAX_NAME + 1));
+        assert!(matches!(
+            state.create(request(&long_name), now),
+            Err(ManagerError::Invalid(_))
+        ));
+        let huge_inputs = format!(
+            r#"{{"name":"f","inputs":["{}"]}}"#,
+            "1".repeat(MAX_ARGUMENTS)
+        );
+        assert!(matches!(
+            state.create(request(&huge_inputs), now),
+            Err(ManagerError::TooLarge(_))
+        ));
         let big = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 64 << 10]);
         assert!(matches!(
             state.create(request(&format!(r#"{{"name":"f","file":"{big}"}}"#)), now),
@@ -750,6 +822,39 @@ mod tests {
         state.unschedule(&task.id, "offline".into(), now);
         assert_eq!(state.task(&task.id).unwrap().state, TaskState::Failed);
         assert_eq!(state.registry.get("p3").unwrap().running_tasks, 0);
+    }
+
+    /// A fake heartbeat gets no task; a proplet gone offline fails its tasks.
+    #[test]
+    fn unannounced_and_lost_proplets() {
+        let mut state = state();
+        let now = SystemTime::now();
+        state.registry.alive("fake", Instant::now());
+        let task = state
+            .create(request(r#"{"name":"f","image_url":"x"}"#), now)
+            .unwrap();
+        assert!(matches!(
+            state.schedule(&task.id, now),
+            Err(ManagerError::Unavailable(_))
+        ));
+        let pinned = state
+            .create(
+                request(r#"{"name":"f","image_url":"x","proplet_id":"fake"}"#),
+                now,
+            )
+            .unwrap();
+        assert!(matches!(
+            state.schedule(&pinned.id, now),
+            Err(ManagerError::Unavailable(m)) if m.contains("never announced")
+        ));
+        alive(&mut state, "real");
+        state.schedule(&task.id, now).unwrap();
+        state.registry.offline("real", "last will");
+        state.sweep(Instant::now());
+        let failed = state.task(&task.id).unwrap();
+        assert_eq!(failed.state, TaskState::Failed);
+        assert!(failed.error.contains("went offline"), "{}", failed.error);
+        assert_eq!(state.registry.get("real").unwrap().running_tasks, 0);
     }
 
     #[test]

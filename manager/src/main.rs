@@ -99,11 +99,12 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = sweep.tick() => manager.lock().registry.sweep(Instant::now()),
+            _ = sweep.tick() => manager.lock().sweep(Instant::now()),
             message = context.messages.recv() => match message {
                 Some(message) => manager.receive(&message),
                 None => return Ok(()),
             },
+            _ = context.stopping.changed() => return Ok(()),
         }
     }
 }

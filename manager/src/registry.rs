@@ -1,6 +1,10 @@
 //! The proplets the manager knows, and where each stands: discovered (it
 //! announced itself), alive (heartbeats arrive), or offline (its last will
 //! arrived, or three heartbeats did not).
+//!
+//! Anyone on the channel can send heartbeats under any id, so the registry
+//! is bounded, forgets ids that never announced themselves once they fall
+//! silent, and sends tasks only to proplets that announced themselves.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
@@ -9,13 +13,17 @@ use propeller_mqtt::protocol::Untrusted;
 use propeller_mqtt::protocol::{rfc3339, PropletMetadata, PropletMetrics};
 use serde::Serialize;
 use serde_json::{json, Value};
-use tracing::info;
+use tracing::{debug, info};
 
 /// Heartbeats kept per proplet, as upstream keeps them.
 pub const ALIVE_HISTORY: usize = 10;
 
 /// How many heartbeat intervals may pass silently before a proplet is offline.
 pub const MISSED_HEARTBEATS: u32 = 3;
+/// The most proplets the registry holds; messages about more are ignored.
+pub const MAX_PROPLETS: usize = 10_000;
+/// The longest proplet id taken from the channel.
+pub const MAX_ID: usize = 256;
 
 /// Where a proplet stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -57,13 +65,20 @@ pub struct Proplet {
     pub metrics: Option<PropletMetrics>,
     /// Tasks dispatched to it and not yet finished.
     pub running_tasks: usize,
+    /// It sent `create`: tasks may go to it.
+    pub announced: bool,
     seen: Instant,
 }
 
 impl Proplet {
-    /// Whether tasks may go to it.
+    /// Whether its heartbeats arrive.
     pub fn alive(&self) -> bool {
         self.state == Liveness::Alive
+    }
+
+    /// Whether tasks may go to it: alive, and announced with `create`.
+    pub fn schedulable(&self) -> bool {
+        self.alive() && self.announced
     }
 
     /// Upstream's `PropletView`: what `GET /proplets` shows.
@@ -101,7 +116,13 @@ impl Registry {
 
     /// A proplet announced itself (on every connection it makes).
     pub fn created(&mut self, id: &str, namespace: &str, metadata: PropletMetadata, now: Instant) {
-        let proplet = self.entry(id, now);
+        let Some(proplet) = self.entry(id, now) else {
+            return;
+        };
+        if !proplet.announced {
+            proplet.announced = true;
+            info!(proplet_id = %Untrusted(id), "proplet discovered");
+        }
         proplet.namespace = namespace.to_owned();
         proplet.metadata = metadata;
         proplet.seen = now;
@@ -112,7 +133,9 @@ impl Registry {
 
     /// A heartbeat.
     pub fn alive(&mut self, id: &str, now: Instant) {
-        let proplet = self.entry(id, now);
+        let Some(proplet) = self.entry(id, now) else {
+            return;
+        };
         proplet.seen = now;
         if proplet.alive_history.len() == ALIVE_HISTORY {
             proplet.alive_history.pop_front();
@@ -128,7 +151,9 @@ impl Registry {
         }
     }
 
-    /// Marks offline every proplet silent for [`MISSED_HEARTBEATS`] intervals.
+    /// Marks offline every proplet silent for [`MISSED_HEARTBEATS`]
+    /// intervals, and forgets those among them that never announced
+    /// themselves.
     pub fn sweep(&mut self, now: Instant) {
         for proplet in self.proplets.values_mut() {
             if proplet.state != Liveness::Offline
@@ -137,6 +162,18 @@ impl Registry {
                 Self::transition(proplet, Liveness::Offline, "missed 3 heartbeats");
             }
         }
+        self.proplets
+            .retain(|_, p| p.announced || p.state != Liveness::Offline || p.running_tasks > 0);
+    }
+
+    /// The ids of offline proplets that still count running tasks: those
+    /// tasks will never report.
+    pub fn lost(&self) -> Vec<String> {
+        self.proplets
+            .values()
+            .filter(|p| p.state == Liveness::Offline && p.running_tasks > 0)
+            .map(|p| p.id.clone())
+            .collect()
     }
 
     /// A proplet's latest metrics; they count as a sign of life only for
@@ -171,29 +208,40 @@ impl Registry {
         self.proplets.get_mut(id)
     }
 
-    /// The alive proplet with the fewest running tasks: the one a task
-    /// without a `proplet_id` goes to.
+    /// The schedulable proplet with the fewest running tasks: the one a
+    /// task without a `proplet_id` goes to.
     pub fn least_busy(&self) -> Option<&Proplet> {
         self.proplets
             .values()
-            .filter(|p| p.alive())
+            .filter(|p| p.schedulable())
             .min_by_key(|p| p.running_tasks)
     }
 
-    fn entry(&mut self, id: &str, now: Instant) -> &mut Proplet {
-        self.proplets.entry(id.to_owned()).or_insert_with(|| {
-            info!(proplet_id = %Untrusted(id), "proplet discovered");
-            Proplet {
-                id: id.to_owned(),
-                state: Liveness::Discovered,
-                namespace: String::new(),
-                metadata: PropletMetadata::default(),
-                alive_history: VecDeque::new(),
-                metrics: None,
-                running_tasks: 0,
-                seen: now,
-            }
-        })
+    /// The proplet `id`, added if there is room and the id is sane.
+    fn entry(&mut self, id: &str, now: Instant) -> Option<&mut Proplet> {
+        if id.len() > MAX_ID {
+            debug!(proplet_id = %Untrusted(id), "ignoring a proplet id over {MAX_ID} bytes");
+            return None;
+        }
+        if !self.proplets.contains_key(id) && self.proplets.len() >= MAX_PROPLETS {
+            debug!(proplet_id = %Untrusted(id), "ignoring a new proplet: {MAX_PROPLETS} are known");
+            return None;
+        }
+        Some(
+            self.proplets
+                .entry(id.to_owned())
+                .or_insert_with(|| Proplet {
+                    id: id.to_owned(),
+                    state: Liveness::Discovered,
+                    namespace: String::new(),
+                    metadata: PropletMetadata::default(),
+                    alive_history: VecDeque::new(),
+                    metrics: None,
+                    running_tasks: 0,
+                    announced: false,
+                    seen: now,
+                }),
+        )
     }
 
     /// Logs each change once; a repeated state is no news.
@@ -203,6 +251,11 @@ impl Registry {
         }
         proplet.state = to;
         match to {
+            // A heartbeat alone is not worth a line each: anyone can send
+            // them under any id. The announcement is logged in `created`.
+            _ if !proplet.announced => {
+                debug!(proplet_id = %Untrusted(&proplet.id), state = to.name(), why, "unannounced proplet")
+            }
             Liveness::Discovered => {
                 info!(proplet_id = %Untrusted(&proplet.id), why, "proplet discovered")
             }
@@ -231,11 +284,33 @@ mod tests {
         registry.sweep(start + Duration::from_secs(30));
         assert_eq!(registry.all().next().unwrap().state, Liveness::Offline);
         assert!(registry.least_busy().is_none());
-        // A heartbeat from a proplet never announced: discovered, then alive.
+        // A heartbeat from a proplet never announced: alive, but no task
+        // goes to it, and it is forgotten once silent.
         registry.alive("p2", start);
+        assert!(registry.get("p2").unwrap().alive());
+        assert!(registry.least_busy().is_none());
         registry.offline("p2", "last will");
-        assert_eq!(registry.all().nth(1).unwrap().state, Liveness::Offline);
+        assert_eq!(registry.get("p2").unwrap().state, Liveness::Offline);
         registry.created("p2", "ns", PropletMetadata::default(), start);
-        assert_eq!(registry.all().nth(1).unwrap().state, Liveness::Discovered);
+        assert_eq!(registry.get("p2").unwrap().state, Liveness::Discovered);
+        registry.alive("fake", start);
+        registry.sweep(start + Duration::from_secs(30));
+        assert!(registry.get("fake").is_none());
+        assert!(registry.get("p2").is_some(), "announced proplets stay");
+    }
+
+    /// A flood of fake heartbeats costs a bounded registry.
+    #[test]
+    fn fake_ids_are_bounded() {
+        let now = Instant::now();
+        let mut registry = Registry::new(Duration::from_secs(10));
+        for i in 0..MAX_PROPLETS + 100 {
+            registry.alive(&format!("fake-{i}"), now);
+        }
+        assert_eq!(registry.all().count(), MAX_PROPLETS);
+        registry.alive(&"x".repeat(MAX_ID + 1), now);
+        assert!(registry.get(&"x".repeat(MAX_ID + 1)).is_none());
+        registry.sweep(now + Duration::from_secs(30));
+        assert_eq!(registry.all().count(), 0);
     }
 }

@@ -231,6 +231,11 @@ impl Tasks {
         (page.of(all.into_iter()), self.tasks.len())
     }
 
+    /// The running ones.
+    pub fn running(&self) -> impl Iterator<Item = &Task> {
+        self.tasks.values().filter(|t| t.running())
+    }
+
     /// How many are in each state.
     pub fn count(&self, state: TaskState) -> usize {
         self.tasks.values().filter(|t| t.state == state).count()

@@ -22,14 +22,22 @@ pub struct Context {
     pub client: Client,
     /// Messages received on those topics.
     pub messages: mpsc::Receiver<Message>,
+    /// Becomes `true` at SIGTERM or Ctrl-C: the service should finish what
+    /// it is doing (a proplet reports its running tasks as stopped) and
+    /// return, within [`STOP_GRACE`]; after that it is dropped.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
+
+/// How long a service may take to stop after SIGTERM before it is dropped.
+pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs `service` until SIGTERM or Ctrl-C.
 ///
 /// `prepare` reads the service's own settings from the configuration (and
 /// may set a last will) before anything touches the network; its errors are
-/// configuration errors. `main` is the service's logic; it is dropped at
-/// SIGTERM, before the client drains its outbox and disconnects.
+/// configuration errors. `main` is the service's logic; at SIGTERM it is
+/// told through [`Context::stopping`], given [`STOP_GRACE`] to return, and
+/// then dropped, before the client drains its outbox and disconnects.
 ///
 /// Returns success after a clean shutdown, [`EXIT_CONFIG`] after printing a
 /// configuration error on one line to stderr, or failure when `main` fails.
@@ -163,10 +171,12 @@ where
         if let Some(path) = health_file {
             tokio::spawn(write_health(client.state(), path));
         }
+        let (stop, stopping) = tokio::sync::watch::channel(false);
         let context = Context {
             config,
             client: client.clone(),
             messages,
+            stopping,
         };
         let main = main(settings, context);
         tokio::pin!(main);
@@ -180,7 +190,14 @@ where
                     }
                     Signal::Stop(name) => {
                         info!(signal = name, "stopping");
-                        break Ok(());
+                        let _ = stop.send(true);
+                        break match tokio::time::timeout(STOP_GRACE, &mut main).await {
+                            Ok(outcome) => outcome,
+                            Err(_) => {
+                                tracing::warn!("the service did not stop within {STOP_GRACE:?}: stopping it now");
+                                Ok(())
+                            }
+                        };
                     }
                 },
                 outcome = &mut main => break outcome,
@@ -195,6 +212,29 @@ where
 /// healthcheck (`grep -q ^connected "$PROPELLER_HEALTH_FILE"`). Not prefixed:
 /// one image runs any of the three services.
 pub const HEALTH_FILE: &str = "PROPELLER_HEALTH_FILE";
+
+/// Replaces `path` with `bytes` by a write to a new file beside it and a
+/// rename. The new file is created exclusively, after removing whatever has
+/// its name: a symbolic link planted there is removed, never followed.
+async fn replace_file(path: &std::path::Path, bytes: Vec<u8>) -> std::io::Result<()> {
+    let partial = path.with_extension("partial");
+    let (path, write_to) = (path.to_owned(), partial.clone());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        match std::fs::remove_file(&write_to) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&write_to)?
+            .write_all(&bytes)?;
+        std::fs::rename(&write_to, &path)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+}
 
 /// Writes `connected` or `disconnected: <why>` to `path` at every change.
 async fn write_health(
@@ -211,10 +251,7 @@ async fn write_health(
             crate::ConnectionState::Closed => "disconnected: stopped\n".to_owned(),
         };
         // Write then rename, so a healthcheck never reads half a line.
-        let partial = path.with_extension("partial");
-        let written = tokio::fs::write(&partial, line)
-            .await
-            .and(tokio::fs::rename(&partial, &path).await);
+        let written = replace_file(&path, line.into_bytes()).await;
         if let Err(error) = written {
             tracing::warn!(path = %path.display(), %error, "cannot write the health file");
         }
@@ -297,5 +334,25 @@ async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
     match signal {
         Some(signal) => signal.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link planted at the temporary name is removed, not written through.
+    #[tokio::test]
+    async fn the_health_file_follows_no_planted_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let health = dir.path().join("health");
+        std::os::unix::fs::symlink(&victim, health.with_extension("partial")).unwrap();
+        replace_file(&health, b"connected\n".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(std::fs::read_to_string(&health).unwrap(), "connected\n");
     }
 }

@@ -38,15 +38,32 @@ const MAX_TABLE_ELEMENTS: usize = 1 << 20;
 /// an MQTT packet.
 const MAX_OUTPUT: usize = 64 << 10;
 
+/// Heartbeats between two announcements: a manager that restarted, and so
+/// forgot us, learns of us again within this many intervals.
+const ANNOUNCE_EVERY: u32 = 30;
+
+/// Why a running task must stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// It must not.
+    No,
+    /// The manager asked.
+    Manager,
+    /// The proplet is shutting down (SIGTERM).
+    Shutdown,
+}
+
 /// The proplet's own settings.
 struct Settings {
     liveliness: Duration,
     limits: runtime::Limits,
+    max_tasks: usize,
 }
 
 impl Settings {
-    /// Reads `PROPLET_LIVELINESS_INTERVAL`, `PROPLET_TASK_TIMEOUT` and
-    /// `PROPLET_DIRS`, and sets the last will that tells the manager we died.
+    /// Reads `PROPLET_LIVELINESS_INTERVAL`, `PROPLET_TASK_TIMEOUT`,
+    /// `PROPLET_MAX_TASKS` and `PROPLET_DIRS`, and sets the last will that
+    /// tells the manager we died.
     fn prepare(config: &mut Config) -> Result<Self, Error> {
         let settings = &config.settings;
         let liveliness = settings.parse(
@@ -59,6 +76,10 @@ impl Settings {
             Duration::from_secs(300),
             value::positive_duration,
         )?;
+        let max_tasks = settings.parse("MAX_TASKS", 8, |text| match text.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err("write how many tasks may run at once, such as 8".to_owned()),
+        })?;
         // Upstream's PROPLET_DIRS: host directories a task may open, at the
         // same path in the guest; none unless configured.
         let preopened = settings.parse("DIRS", Vec::new(), |text| {
@@ -89,6 +110,7 @@ impl Settings {
                 max_output: MAX_OUTPUT,
                 preopened,
             },
+            max_tasks,
         })
     }
 }
@@ -108,6 +130,7 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
         ),
         channel: config.channel.clone(),
         limits: Arc::new(settings.limits),
+        max_tasks: settings.max_tasks,
     };
     // The announcement and the heartbeat never change: made once.
     let create_topic = config.channel.topic(topic::PROPLET_CREATE);
@@ -129,8 +152,9 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sweep = tokio::time::interval(Duration::from_secs(30));
     let (finished_tx, mut finished) = mpsc::unbounded_channel();
-    let mut tasks: HashMap<String, watch::Sender<bool>> = HashMap::new();
+    let mut tasks: HashMap<String, watch::Sender<Stop>> = HashMap::new();
     let mut announce = *state.borrow_and_update() == ConnectionState::Connected;
+    let mut heartbeats = 0u32;
     loop {
         if announce {
             // On every connection: the manager may have restarted meanwhile.
@@ -148,6 +172,12 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
             _ = heartbeat.tick() => {
                 // Heartbeats queued while disconnected would arrive stale, together.
                 if *state.borrow() == ConnectionState::Connected {
+                    heartbeats = heartbeats.wrapping_add(1);
+                    if heartbeats % ANNOUNCE_EVERY == 0 {
+                        // A restarted manager sends tasks only to proplets
+                        // that announced themselves.
+                        proplet.send(&create_topic, create.clone()).await;
+                    }
                     proplet.send(&alive_topic, alive.clone()).await;
                     let metrics = sampler.sample(&proplet.id, DEFAULT_NAMESPACE);
                     proplet.send(&metrics_topic, payload(&metrics)).await;
@@ -158,8 +188,20 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
             Some(message) = context.messages.recv() => {
                 proplet.receive(message, &mut tasks, &finished_tx);
             }
+            _ = context.stopping.changed() => break,
         }
     }
+    // SIGTERM: every running task stops and reports so, before we go.
+    for cancel in tasks.values() {
+        let _ = cancel.send(Stop::Shutdown);
+    }
+    while !tasks.is_empty() {
+        match finished.recv().await {
+            Some(id) => tasks.remove(&id),
+            None => break,
+        };
+    }
+    Ok(())
 }
 
 /// What every task of this proplet shares.
@@ -170,13 +212,14 @@ struct Proplet {
     modules: Modules,
     channel: Channel,
     limits: Arc<runtime::Limits>,
+    max_tasks: usize,
 }
 
 impl Proplet {
     fn receive(
         &self,
         message: Message,
-        tasks: &mut HashMap<String, watch::Sender<bool>>,
+        tasks: &mut HashMap<String, watch::Sender<Stop>>,
         finished: &mpsc::UnboundedSender<String>,
     ) {
         match self.channel.suffix(&message.topic) {
@@ -191,7 +234,7 @@ impl Proplet {
                 Ok(stop) if addressed_to(stop.broadcast, &stop.proplet_id, &self.id) => {
                     if let Some(cancel) = tasks.get(&stop.id) {
                         info!(task_id = %Untrusted(&stop.id), "stopping task");
-                        let _ = cancel.send(true);
+                        let _ = cancel.send(Stop::Manager);
                     }
                 }
                 Ok(_) => {}
@@ -214,7 +257,7 @@ impl Proplet {
     fn start(
         &self,
         task: StartTask,
-        tasks: &mut HashMap<String, watch::Sender<bool>>,
+        tasks: &mut HashMap<String, watch::Sender<Stop>>,
         finished: &mpsc::UnboundedSender<String>,
     ) {
         if !addressed_to(task.broadcast, &task.proplet_id, &self.id) {
@@ -224,12 +267,30 @@ impl Proplet {
             warn!(task_id = %Untrusted(&task.id), "task already running; ignoring the second start");
             return;
         }
+        if tasks.len() >= self.max_tasks {
+            warn!(task_id = %Untrusted(&task.id), running = tasks.len(), "task refused: too many running");
+            let refusal = TaskResult::new(
+                &task.id,
+                &self.id,
+                Err(format!(
+                    "the proplet runs {} tasks already, its limit (PROPLET_MAX_TASKS): start it later, or on another proplet",
+                    tasks.len()
+                )),
+            );
+            let (proplet, topic) = (self.clone(), self.channel.topic(topic::PROPLET_RESULTS));
+            tokio::spawn(async move { proplet.send(&topic, payload(&refusal)).await });
+            return;
+        }
         info!(task_id = %Untrusted(&task.id), function = %Untrusted(&task.name), "starting task");
-        let (cancel, stopped) = watch::channel(false);
+        let (cancel, stopped) = watch::channel(Stop::No);
         tasks.insert(task.id.clone(), cancel);
         let (proplet, finished) = (self.clone(), finished.clone());
         tokio::spawn(async move {
-            let outcome = proplet.execute(&task, stopped).await;
+            let reason = stopped.clone();
+            let mut outcome = proplet.execute(&task, stopped).await;
+            if outcome.is_err() && *reason.borrow() == Stop::Shutdown {
+                outcome = Err("stopped: the proplet is shutting down".to_owned());
+            }
             match &outcome {
                 Ok(results) => {
                     info!(task_id = %Untrusted(&task.id), results = %Untrusted(results), "task completed")
@@ -249,7 +310,7 @@ impl Proplet {
     async fn execute(
         &self,
         task: &StartTask,
-        mut stopped: watch::Receiver<bool>,
+        mut stopped: watch::Receiver<Stop>,
     ) -> Result<String, String> {
         if task.encrypted {
             return Err("the task is encrypted, and this proplet has no TEE runtime to decrypt it: run it on an upstream proplet with a TEE".to_owned());
@@ -261,7 +322,7 @@ impl Proplet {
                 .map_err(|e| format!("file is not valid base64: {e}"))?,
             (_, url) if !url.is_empty() => tokio::select! {
                 module = self.modules.fetch(url) => module?,
-                _ = stopped.wait_for(|stop| *stop) => return Err("stopped by the manager".to_owned()),
+                _ = stopped.wait_for(|stop| *stop != Stop::No) => return Err("stopped by the manager".to_owned()),
             },
             _ => return Err("the task has neither file nor image_url".to_owned()),
         };
@@ -293,7 +354,9 @@ impl Proplet {
                 args: &args,
                 env: &env,
             };
-            runtime::run(&module, &invocation, &limits, || *stopped.borrow())
+            runtime::run(&module, &invocation, &limits, || {
+                *stopped.borrow() != Stop::No
+            })
         })
         .await
         .unwrap_or_else(|panic| Err(format!("the runtime failed: {panic}")))

@@ -127,7 +127,14 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
         fetches: Mutex::default(),
         slots: Semaphore::new(MAX_FETCHES),
     });
-    while let Some(message) = context.messages.recv().await {
+    loop {
+        let message = tokio::select! {
+            message = context.messages.recv() => match message {
+                Some(message) => message,
+                None => return Ok(()),
+            },
+            _ = context.stopping.changed() => return Ok(()),
+        };
         match serde_json::from_slice::<ModuleRequest>(&message.payload) {
             Ok(request) if request.app_name.len() > MAX_APP_NAME => warn!(
                 app_name = %Untrusted(&request.app_name),
@@ -142,7 +149,6 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
             }
         }
     }
-    Ok(())
 }
 
 type Fetch = Arc<OnceCell<Result<Bytes, FetchError>>>;

@@ -3,9 +3,9 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// The status and JSON body of `method path` with `body`, from 127.0.0.1:`port`.
 pub fn request(port: u16, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
@@ -68,4 +68,37 @@ pub fn api_port(log_line: &str) -> u16 {
         .and_then(|address| address.rsplit(':').next())
         .and_then(|port| port.parse().ok())
         .unwrap_or_else(|| panic!("no address in {log_line:?}"))
+}
+
+/// Upstream's task states.
+pub const COMPLETED: u64 = 3;
+pub const FAILED: u64 = 4;
+pub const INTERRUPTED: u64 = 6;
+
+/// Polls `GET /tasks/{id}` until the task has finished.
+pub fn finished_task(api: u16, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, task) = request(api, "GET", &format!("/tasks/{id}"), None);
+        assert_eq!(status, 200, "{task}");
+        if [COMPLETED, FAILED, INTERRUPTED].contains(&task["state"].as_u64().unwrap_or_default()) {
+            return task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task not finished within {timeout:?}: {task}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Creates the task, then starts it, as upstream's CLI does.
+pub fn start_task(api: u16, task: Value) -> String {
+    let (status, created) = request(api, "POST", "/tasks", Some(&task));
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["state"], 0, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let (status, started) = request(api, "POST", &format!("/tasks/{id}/start"), None);
+    assert_eq!((status, &started), (200, &json!({"started": true})));
+    id
 }

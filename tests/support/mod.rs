@@ -12,6 +12,7 @@
 //! under CI (`CI` set) a missing tool is a failure.
 
 pub mod http;
+pub mod lab;
 pub mod pki;
 pub mod process;
 pub mod relay;

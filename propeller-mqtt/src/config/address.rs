@@ -109,6 +109,30 @@ impl fmt::Display for BrokerAddress {
     }
 }
 
+/// `text` (an address, a URL, or a comma-separated list of them) with any
+/// `user:password@` replaced, so that a credential pasted into an address
+/// never reaches a log or an error message.
+pub fn redacted(text: &str) -> String {
+    text.split(',')
+        .map(|url| {
+            let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => {
+                    let prefix = if scheme.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{scheme}://")
+                    };
+                    format!("{prefix}<redacted>@{}", &rest[at + 1..])
+                }
+                None => url.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,10 +171,24 @@ mod tests {
             ("tcp://::1:1883", "brackets"),
             ("tcp://[::1", "unclosed"),
             ("tcp://user@nginx", "without user"),
+            ("tcp://user:hunter2@nginx", "without user"),
             ("tcp://nginx/path", "without user, path"),
         ] {
             let problem = BrokerAddress::parse(bad).unwrap_err();
             assert!(problem.contains(hint), "{bad:?}: {problem}");
         }
+    }
+
+    #[test]
+    fn credentials_are_redacted() {
+        assert_eq!(
+            redacted("tcp://u:hunter2@nginx:1883"),
+            "tcp://<redacted>@nginx:1883"
+        );
+        assert_eq!(
+            redacted("ssl://a:1, ssl://u:p@b:8883/x"),
+            "ssl://a:1, ssl://<redacted>@b:8883/x"
+        );
+        assert_eq!(redacted("http://h/p@q"), "http://h/p@q");
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use rumqttc::QoS;
 use serde::Deserialize;
 
-pub use address::{BrokerAddress, Transport};
+pub use address::{redacted, BrokerAddress, Transport};
 
 use crate::protocol::topic;
 use crate::Error;
@@ -76,6 +76,7 @@ impl Service {
                 "CONFIG_SECTION",
                 "LIVELINESS_INTERVAL",
                 "TASK_TIMEOUT",
+                "MAX_TASKS",
                 "DIRS",
             ],
             Service::Proxy => &[
@@ -555,17 +556,17 @@ impl Parser {
             .map(|one| match one.trim() {
                 "" => Err(self.invalid(
                     "MQTT_ADDRESS",
-                    text,
+                    &redacted(text),
                     "the list has an empty entry: separate addresses with single commas",
                 )),
                 one => BrokerAddress::parse(one)
-                    .map_err(|problem| self.invalid("MQTT_ADDRESS", text, &problem)),
+                    .map_err(|problem| self.invalid("MQTT_ADDRESS", &redacted(text), &problem)),
             })
             .collect::<Result<Vec<_>, _>>()?;
         if brokers.iter().any(|b| b.transport != brokers[0].transport) {
             return Err(self.invalid(
                 "MQTT_ADDRESS",
-                text,
+                &redacted(text),
                 "the list mixes plain (tcp://) and TLS (ssl://) addresses: use one mode for every broker",
             ));
         }
@@ -635,7 +636,7 @@ impl Parser {
             return Err(Error::TlsWithPlainAddress {
                 vars,
                 address_var: self.service.var("MQTT_ADDRESS"),
-                address: address_text.trim().to_owned(),
+                address: redacted(address_text.trim()),
             });
         }
         Ok(Some(TlsSettings {

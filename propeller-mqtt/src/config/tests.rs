@@ -307,3 +307,33 @@ fn every_listed_variable_is_read_and_others_are_reported() {
     .unwrap();
     assert_eq!(manager.unknown, ["MANAGER_CHUNK_SIZE"]);
 }
+
+#[test]
+fn a_password_in_the_address_is_never_echoed() {
+    let message = error(&[("PROPLET_MQTT_ADDRESS", "tcp://proplet:hunter2@nginx:1883")]);
+    assert!(!message.contains("hunter2"), "{message}");
+    assert!(message.contains("<redacted>@nginx:1883"), "{message}");
+}
+
+/// A FIFO or a device as a PEM path is refused at once, not read forever.
+#[test]
+fn a_ca_path_that_is_not_a_regular_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    for path in ["/dev/zero".into(), fifo] {
+        if path.to_str() != Some("/dev/zero") && !made.as_ref().is_ok_and(|s| s.success()) {
+            continue;
+        }
+        let config = parse(&[
+            ("PROPLET_MQTT_ADDRESS", "ssl://localhost:8883"),
+            ("PROPLET_MQTT_TLS_CA_CERT", path.to_str().unwrap()),
+        ])
+        .unwrap();
+        let Err(error) = crate::tls::TlsSetup::load(&config) else {
+            panic!("{path:?} was accepted as a CA");
+        };
+        let message = crate::one_line(&error);
+        assert!(message.contains("not a regular file"), "{message}");
+    }
+}

@@ -57,7 +57,7 @@ pub enum Trust {
 pub(crate) fn fingerprint(settings: &TlsSettings) -> u64 {
     use std::hash::{DefaultHasher, Hash, Hasher};
     let mut hasher = DefaultHasher::new();
-    let mut add = |path: &Path| match std::fs::read(path) {
+    let mut add = |path: &Path| match pem::read_file(path) {
         Ok(bytes) => bytes.hash(&mut hasher),
         Err(error) => error.kind().hash(&mut hasher),
     };

@@ -17,9 +17,46 @@ pub(crate) struct PemFile {
     bytes: Vec<u8>,
 }
 
+/// The largest PEM file read: a CA bundle of a few hundred certificates.
+pub(crate) const MAX_FILE: u64 = 4 << 20;
+
+/// The bytes of a regular file of at most [`MAX_FILE`] bytes. A FIFO, a
+/// device such as `/dev/zero` or a huge file is refused before it is read,
+/// so that a wrong path cannot hang the service or exhaust its memory.
+pub(crate) fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{} bytes, over the {MAX_FILE}-byte limit for a PEM file",
+                meta.len()
+            ),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    std::fs::File::open(path)?
+        .take(MAX_FILE + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("it grew over the {MAX_FILE}-byte limit for a PEM file while read"),
+        ));
+    }
+    Ok(bytes)
+}
+
 impl PemFile {
     pub fn read(var: String, path: &Path) -> Result<Self, Error> {
-        match std::fs::read(path) {
+        match read_file(path) {
             Ok(bytes) => Ok(Self {
                 var,
                 path: path.to_owned(),
