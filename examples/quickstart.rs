@@ -230,37 +230,14 @@ async fn build_services() -> Result<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .ok_or("no workspace directory")?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = std::process::Command::new(&cargo);
+    let mut command = propeller_tests::process::nested_cargo();
+    let cargo = command.get_program().to_owned();
     command
         .current_dir(workspace)
         .args([
             "build", "--bin", "manager", "--bin", "proplet", "--bin", "proxy",
         ])
         .stdin(Stdio::null());
-    // What cargo set for this example's own run (or a test's): build scripts
-    // such as ring's rerun when these change, so passing them on would make
-    // this build and a plain `cargo build` undo each other's work.
-    for (name, _) in std::env::vars_os() {
-        if let Some(text) = name.to_str() {
-            if text.starts_with("CARGO_PKG_")
-                || [
-                    "CARGO_MANIFEST_DIR",
-                    "CARGO_MANIFEST_PATH",
-                    "CARGO_MANIFEST_LINKS",
-                    "CARGO_CRATE_NAME",
-                    "CARGO_BIN_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&text)
-            {
-                command.env_remove(&name);
-            }
-        }
-    }
     match profile_dir.file_name().and_then(|name| name.to_str()) {
         Some("debug") => {}
         Some("release") => {

@@ -29,8 +29,7 @@ fn profile_dir() -> PathBuf {
 /// it, its stdout and stderr merged into lines sent on the channel.
 fn start_quickstart() -> (Child, mpsc::Receiver<String>) {
     let profile_dir = profile_dir();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut build = Command::new(cargo);
+    let mut build = propeller_tests::process::nested_cargo();
     build.args([
         "build",
         "-q",
@@ -41,23 +40,6 @@ fn start_quickstart() -> (Child, mpsc::Receiver<String>) {
     ]);
     if profile_dir.ends_with("release") {
         build.arg("--release");
-    }
-    // What cargo set for this test: ring's build script reruns when these
-    // change, and would rebuild what a plain `cargo build` just built.
-    for (name, _) in std::env::vars() {
-        if name.starts_with("CARGO_PKG_")
-            || [
-                "CARGO_MANIFEST_DIR",
-                "CARGO_MANIFEST_PATH",
-                "CARGO_CRATE_NAME",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_TARGET_TMPDIR",
-                "OUT_DIR",
-            ]
-            .contains(&name.as_str())
-        {
-            build.env_remove(name);
-        }
     }
     let status = build.status().expect("run cargo build");
     assert!(status.success(), "cargo build --example quickstart");

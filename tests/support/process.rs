@@ -6,6 +6,36 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
+/// `cargo`, as the running cargo (`$CARGO`) when there is one, without the
+/// variables cargo sets for the build or run of a crate: build scripts such
+/// as ring's rerun when those change, so passing them on would make this
+/// build and a plain `cargo build` undo each other's work.
+pub fn nested_cargo() -> Command {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    for (name, _) in std::env::vars_os() {
+        let set_by_cargo = name.to_str().is_some_and(|name| {
+            name.starts_with("CARGO_PKG_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_MANIFEST_LINKS",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_BIN_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&name)
+        });
+        if set_by_cargo {
+            command.env_remove(&name);
+        }
+    }
+    command
+}
+
 /// Builds the binaries once per test process, and returns the path of one.
 ///
 /// `cargo test` builds the test harness of a binary, not the binary itself, so
@@ -20,8 +50,7 @@ pub fn binary(name: &str) -> PathBuf {
         .expect("profile directory")
         .to_owned();
     BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut build = Command::new(cargo);
+        let mut build = nested_cargo();
         // The services, and the `propeller-mqtt` tool (the library's `cli` feature).
         build.args([
             "build",
