@@ -3,34 +3,30 @@
 //!
 //! Configured by `PROXY_*` variables; see the README.
 
+mod fetches;
 mod http;
 mod store;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use base64::Engine as _;
-use bytes::Bytes;
 use propeller_mqtt::config::value;
 use propeller_mqtt::protocol::Untrusted;
 use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
 use propeller_mqtt::service::{self, Context};
 use propeller_mqtt::{Client, Config, Error, Service};
-use tokio::sync::OnceCell;
 use tracing::{info, warn};
 
+use fetches::Fetches;
 use http::{BaseUrl, HttpSource};
 use store::{file_name, FetchError, Store, MAX_APP_NAME};
-use tokio::sync::Semaphore;
 
 /// Upstream's chunk size: about 683 KB once base64 in JSON.
 const DEFAULT_CHUNK_SIZE: usize = 512_000;
 /// Room in a chunk's packet for the topic, the JSON and MQTT's header.
 const CHUNK_OVERHEAD: usize = 1024 + MAX_APP_NAME;
-/// Modules read or downloaded at once; more requests wait their turn.
-const MAX_FETCHES: usize = 8;
 
 struct Settings {
     store: Store,
@@ -124,8 +120,7 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
         client: context.client.clone(),
         chunk_topic: context.config.channel.topic(topic::REGISTRY_CHUNK),
         error_topic: context.config.channel.topic(topic::REGISTRY_ERROR),
-        fetches: Mutex::default(),
-        slots: Semaphore::new(MAX_FETCHES),
+        fetches: Fetches::default(),
     });
     loop {
         let message = tokio::select! {
@@ -151,41 +146,25 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
     }
 }
 
-type Fetch = Arc<OnceCell<Result<Bytes, FetchError>>>;
-
 struct Proxy {
     store: Store,
     chunk_size: usize,
     client: Client,
     chunk_topic: String,
     error_topic: String,
-    /// Reads and downloads under way, by file, so that requests for the
-    /// same module under different names share one.
-    fetches: Mutex<HashMap<String, Fetch>>,
-    /// Bounds the memory and connections that reads and downloads take.
-    slots: Semaphore,
+    /// Reads and downloads under way, shared per file, and bounded.
+    fetches: Fetches,
 }
 
 impl Proxy {
     async fn answer(&self, app_name: String) {
         info!(app_name = %Untrusted(&app_name), "module requested");
         // A name that is not a file is refused before any read or request.
-        let key = file_name(&app_name).unwrap_or_else(|_| app_name.clone());
-        let fetch = self.lock().entry(key.clone()).or_default().clone();
-        let module = fetch
-            .get_or_init(|| async {
-                let _slot = self.slots.acquire().await;
-                self.store.fetch(&app_name).await
-            })
-            .await
-            .clone();
-        {
-            // Done: the next request reads the store again, and sees updates.
-            let mut fetches = self.lock();
-            if fetches.get(&key).is_some_and(|f| Arc::ptr_eq(f, &fetch)) {
-                fetches.remove(&key);
-            }
-        }
+        let file = file_name(&app_name).unwrap_or_else(|_| app_name.clone());
+        let module = self
+            .fetches
+            .shared(&file, || self.store.fetch(&app_name))
+            .await;
         let module = module.and_then(|module| match module.is_empty() {
             true => Err(FetchError::failed(
                 &app_name,
@@ -237,9 +216,5 @@ impl Proxy {
         {
             warn!(app_name = %Untrusted(&chunk.app_name), chunk = chunk.chunk_idx, "cannot publish a chunk: {error}");
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Fetch>> {
-        self.fetches.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

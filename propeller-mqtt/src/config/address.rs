@@ -113,6 +113,9 @@ impl fmt::Display for BrokerAddress {
 /// `user:password@` replaced, so that a credential pasted into an address
 /// never reaches a log or an error message.
 pub fn redacted(text: &str) -> String {
+    if !text.contains("://") {
+        return text.to_owned();
+    }
     text.split(',')
         .map(|url| {
             let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
@@ -190,5 +193,6 @@ mod tests {
             "ssl://a:1, ssl://<redacted>@b:8883/x"
         );
         assert_eq!(redacted("http://h/p@q"), "http://h/p@q");
+        assert_eq!(redacted("ops@example.com"), "ops@example.com");
     }
 }

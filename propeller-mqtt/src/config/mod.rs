@@ -281,7 +281,7 @@ impl Settings {
             None => Ok(default),
             Some(text) => parse(text).map_err(|problem| Error::Invalid {
                 var: self.var(suffix),
-                value: text.to_owned(),
+                value: redacted(text),
                 problem,
             }),
         }

@@ -315,6 +315,30 @@ fn a_password_in_the_address_is_never_echoed() {
     assert!(message.contains("<redacted>@nginx:1883"), "{message}");
 }
 
+/// A 1 GiB file (sparse: no disk is used) is refused before it is read.
+#[test]
+fn a_huge_pem_file_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let huge = dir.path().join("huge.pem");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let config = parse(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://localhost:8883"),
+        ("PROPLET_MQTT_TLS_CA_CERT", huge.to_str().unwrap()),
+    ])
+    .unwrap();
+    let Err(error) = crate::tls::TlsSetup::load(&config) else {
+        panic!("a 1 GiB CA was accepted");
+    };
+    let message = crate::one_line(&error);
+    assert!(
+        message.contains("PROPLET_MQTT_TLS_CA_CERT") && message.contains("over the"),
+        "{message}"
+    );
+}
+
 /// A FIFO or a device as a PEM path is refused at once, not read forever.
 #[test]
 fn a_ca_path_that_is_not_a_regular_file_is_refused() {
