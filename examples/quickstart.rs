@@ -40,6 +40,7 @@ use base64::Engine;
 use propeller_mqtt::certs::{self, KeyType, Output, Subject};
 use propeller_mqtt::config::Secret;
 use propeller_mqtt::Service;
+use propeller_tests::modules;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -335,15 +336,8 @@ fn make_pki(dir: &Path, identities: &[Identity]) -> Result<()> {
 /// `add(i32, i32) -> i32`; the same padded past several chunks, written for
 /// the proxy; a WASI command that prints its arguments and environment.
 fn make_modules(dir: &Path) -> Result<Modules> {
-    const ADD: &str =
-        r#"(func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add)"#;
-    let add = wat::parse_str(format!("(module {ADD})"))?;
-    let padding = "propeller ".repeat(PADDING / 10);
-    let pages = PADDING.div_ceil(65536);
-    let proxied = wat::parse_str(format!(
-        r#"(module {ADD} (memory {pages}) (data (i32.const 0) "{padding}"))"#
-    ))?;
-    let echo = wat::parse_str(ECHO)?;
+    let add = modules::add();
+    let proxied = modules::padded(modules::add(), PADDING);
     std::fs::create_dir(dir)?;
     let proxied_name = "add-large.wasm";
     std::fs::write(dir.join(proxied_name), &proxied)?;
@@ -351,47 +345,9 @@ fn make_modules(dir: &Path) -> Result<Modules> {
         add,
         proxied_name,
         proxied_len: proxied.len(),
-        echo,
+        echo: modules::wasi_echo(),
     })
 }
-
-/// Prints argv[1..], then every environment variable, separated by spaces.
-const ECHO: &str = r#"(module
-  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "args_sizes_get" (func $args_sizes_get (param i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "args_get" (func $args_get (param i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
-  (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  ;; 0 argc, 8 environ count, 16 the iovec, 24 bytes written, 32 " \n"
-  (data (i32.const 32) " \n")
-  (global $any (mut i32) (i32.const 0))
-  (func $print (param $ptr i32) (param $len i32)
-    (i32.store (i32.const 16) (local.get $ptr))
-    (i32.store (i32.const 20) (local.get $len))
-    (drop (call $fd_write (i32.const 1) (i32.const 16) (i32.const 1) (i32.const 24))))
-  (func $word (param $p i32) (local $n i32)
-    (if (global.get $any) (then (call $print (i32.const 32) (i32.const 1))))
-    (global.set $any (i32.const 1))
-    (block $end (loop $next
-      (br_if $end (i32.eqz (i32.load8_u (i32.add (local.get $p) (local.get $n)))))
-      (local.set $n (i32.add (local.get $n) (i32.const 1)))
-      (br $next)))
-    (call $print (local.get $p) (local.get $n)))
-  (func $words (param $pointers i32) (param $from i32) (param $count i32)
-    (block $end (loop $next
-      (br_if $end (i32.ge_u (local.get $from) (local.get $count)))
-      (call $word (i32.load (i32.add (local.get $pointers) (i32.shl (local.get $from) (i32.const 2)))))
-      (local.set $from (i32.add (local.get $from) (i32.const 1)))
-      (br $next))))
-  (func (export "_start")
-    (drop (call $args_sizes_get (i32.const 0) (i32.const 4)))
-    (drop (call $args_get (i32.const 1024) (i32.const 4096)))
-    (call $words (i32.const 1024) (i32.const 1) (i32.load (i32.const 0)))
-    (drop (call $environ_sizes_get (i32.const 8) (i32.const 12)))
-    (drop (call $environ_get (i32.const 2048) (i32.const 16384)))
-    (call $words (i32.const 2048) (i32.const 0) (i32.load (i32.const 8)))
-    (call $print (i32.const 33) (i32.const 1))))"#;
 
 /// The variables a deployment's `.env` would hold for this identity in
 /// `mode`, presenting the certificate made for `certificate_of` under mTLS.

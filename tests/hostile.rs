@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use propeller_tests::http::{finished_task, request, start_task, COMPLETED, FAILED};
 use propeller_tests::lab::{logs, Lab};
-use propeller_tests::servers_available;
+use propeller_tests::{modules, servers_available};
 use serde_json::json;
 
 const CHUNK: &str = "m/dom/c/chan/registry/server";
@@ -23,18 +23,16 @@ const ALIVE: &str = "m/dom/c/chan/control/proplet/alive";
 const RESULTS: &str = "m/dom/c/chan/control/proplet/results";
 const START: &str = "m/dom/c/chan/control/manager/start";
 
-fn wasm(text: &str) -> String {
-    base64::engine::general_purpose::STANDARD.encode(wat::parse_str(text).unwrap())
+fn base64(module: Vec<u8>) -> String {
+    base64::engine::general_purpose::STANDARD.encode(module)
 }
 
 fn add() -> String {
-    wasm(
-        r#"(module (func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add))"#,
-    )
+    base64(modules::add())
 }
 
 fn spin() -> String {
-    wasm(r#"(module (func (export "spin") (loop (br 0))))"#)
+    base64(modules::spin())
 }
 
 /// An inline add(3, 4) still works: the services survived what came before.

@@ -21,8 +21,7 @@
 //! under CI (`CI` set) that is a failure.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use propeller_tests::http::request;
 use propeller_tests::lab::{logs, Lab, Message, Mqtt};
-use propeller_tests::servers_available;
+use propeller_tests::{modules, servers_available};
 use rumqttc::QoS;
 use serde_json::{json, Value};
 
@@ -51,57 +50,6 @@ const REGISTRY_ERROR: &str = "m/dom/c/chan/registry/error";
 /// upstream's 512000.
 const PADDING: usize = 1_200_000;
 
-// ---------------------------------------------------------------------------
-// Modules
-
-/// `add(a, b) = a + b` on i32.
-fn add_module() -> Vec<u8> {
-    wat::parse_str(
-        r#"(module (func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add))"#,
-    )
-    .unwrap()
-}
-
-/// [`add_module`] with a custom section of [`PADDING`] incompressible bytes:
-/// still a valid module, now big enough to need several chunks.
-fn big_add_module() -> Vec<u8> {
-    fn leb128(mut n: usize, out: &mut Vec<u8>) {
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(byte);
-                return;
-            }
-            out.push(byte | 0x80);
-        }
-    }
-    let name = b"padding";
-    let mut section = Vec::with_capacity(PADDING + 16);
-    leb128(name.len(), &mut section);
-    section.extend_from_slice(name);
-    let mut x: u32 = 0x9e37_79b9;
-    for _ in 0..PADDING {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        section.push(x as u8);
-    }
-    let mut module = add_module();
-    module.push(0); // custom section
-    leb128(section.len(), &mut module);
-    module.extend_from_slice(&section);
-    module
-}
-
-/// Traps on a zero divisor.
-fn divide_module() -> Vec<u8> {
-    wat::parse_str(
-        r#"(module (func (export "divide") (param i32 i32) (result i32) local.get 0 local.get 1 i32.div_s))"#,
-    )
-    .unwrap()
-}
-
 fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -109,8 +57,12 @@ fn base64(bytes: &[u8]) -> String {
 /// The lab, with the modules these tests serve.
 fn upstream_lab() -> Lab {
     let lab = Lab::start();
-    std::fs::write(lab.modules.path().join("add.wasm"), big_add_module()).unwrap();
-    std::fs::write(lab.modules.path().join("divide.wasm"), divide_module()).unwrap();
+    std::fs::write(
+        lab.modules.path().join("add.wasm"),
+        modules::padded(modules::add(), PADDING),
+    )
+    .unwrap();
+    std::fs::write(lab.modules.path().join("divide.wasm"), modules::divide()).unwrap();
     lab
 }
 
@@ -244,59 +196,9 @@ fn assert_upstream_start_request(start: &Value, task_id: &str, proplet_id: &str)
     });
 }
 
-// ---------------------------------------------------------------------------
-// HTTP
-
-/// `method path` on the manager: status, Content-Type and raw body (for the
-/// answers that are not JSON: 204, Prometheus text).
+/// The status, `Content-Type` and body text of a request without a body.
 fn http(port: u16, method: &str, path: &str) -> (u16, String, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the manager API");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 0\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .expect("read the response");
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
-    let header = |name: &str| {
-        head.lines()
-            .filter_map(|line| line.split_once(':'))
-            .find(|(key, _)| key.trim().eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.trim().to_owned())
-            .unwrap_or_default()
-    };
-    let body = match header("transfer-encoding").eq_ignore_ascii_case("chunked") {
-        true => unchunk(body),
-        false => body.to_owned(),
-    };
-    (status, header("content-type"), body)
-}
-
-fn unchunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let size = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16).unwrap_or(0);
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
+    propeller_tests::http::raw(port, method, path, "application/json", b"")
 }
 
 /// Polls `GET /tasks/{id}` until `done` holds.
@@ -661,7 +563,7 @@ fn our_proplet_runs_an_upstream_managers_start() {
         &start(
             foreign,
             "add",
-            ("file", json!(base64(&add_module()))),
+            ("file", json!(base64(&modules::add()))),
             json!(["1", "1"]),
             "another-proplet",
         ),
@@ -674,7 +576,7 @@ fn our_proplet_runs_an_upstream_managers_start() {
         &start(
             task,
             "add",
-            ("file", json!(base64(&add_module()))),
+            ("file", json!(base64(&modules::add()))),
             json!(["3", "4"]),
             &id,
         ),
@@ -716,7 +618,7 @@ fn our_proplet_runs_an_upstream_managers_start() {
         &start(
             task,
             "divide",
-            ("file", json!(base64(&divide_module()))),
+            ("file", json!(base64(&modules::divide()))),
             json!(["1", "0"]),
             &id,
         ),
@@ -736,7 +638,7 @@ fn our_proplet_runs_an_upstream_managers_start() {
         ("id", json!(task)),
         ("name", json!("add")),
         ("state", json!(1)),
-        ("file", json!(base64(&add_module()))),
+        ("file", json!(base64(&modules::add()))),
         ("inputs", json!([40, 2])),
         ("cli_args", json!(["--verbose"])),
         ("broadcast", json!(false)),
@@ -1107,7 +1009,7 @@ fn our_manager_drives_an_upstream_proplet() {
         api,
         "POST",
         "/tasks",
-        Some(&json!({"name": "add", "inputs": ["3", "4"], "file": base64(&add_module())})),
+        Some(&json!({"name": "add", "inputs": ["3", "4"], "file": base64(&modules::add())})),
     );
     assert_eq!(status, 201, "POST /tasks: {created}");
     let failing = created["id"].as_str().unwrap().to_owned();
@@ -1119,7 +1021,7 @@ fn our_manager_drives_an_upstream_proplet() {
         })
         .json();
     assert_upstream_start_request(&start, &failing, &id);
-    assert_eq!(start["file"], base64(&add_module()), "{start}");
+    assert_eq!(start["file"], base64(&modules::add()), "{start}");
     mqtt.publish(
         RESULTS,
         &ordered(&[

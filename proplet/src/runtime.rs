@@ -867,6 +867,19 @@ mod tests {
         )
     }
 
+    /// `run()`, failing the test if it has not returned within a minute: a
+    /// guard against a hang, not a measure of speed.
+    fn guarded<T: Send + 'static>(run: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, outcome) = std::sync::mpsc::channel();
+        // Detached: a hung call must not keep the test from failing.
+        std::thread::spawn(move || {
+            let _ = done.send(run());
+        });
+        outcome
+            .recv_timeout(Duration::from_secs(60))
+            .expect("still running after a minute: a hang")
+    }
+
     /// WASI imports and helpers for commands: `$print` writes a memory
     /// range to a file descriptor.
     const WASI: &str = r#"
@@ -1099,13 +1112,11 @@ mod tests {
     #[test]
     fn huge_tables_are_refused_without_allocating() {
         let table = module("(module (table 4294967295 funcref))");
-        let started = Instant::now();
-        let error = call(&table, "", &[]).unwrap_err();
+        let error = guarded(move || call(&table, "", &[])).unwrap_err();
         assert!(
             error.starts_with("the module does not instantiate"),
             "{error}"
         );
-        assert!(started.elapsed() < Duration::from_secs(1));
         let many = module("(module (memory 1) (memory 1))");
         assert!(call(&many, "", &[]).is_err());
     }
@@ -1131,10 +1142,10 @@ mod tests {
         let spin = module(r#"(module (func (export "spin") (loop (br 0))))"#);
         let in_start = module("(module (func $s (loop (br 0))) (start $s))");
         for (bytes, function) in [(&spin, "spin"), (&in_start, "")] {
-            let started = Instant::now();
-            let error = call_with(bytes, function, &[], &quick(), || false).unwrap_err();
+            let module = bytes.clone();
+            let error =
+                guarded(move || call_with(&module, function, &[], &quick(), || false)).unwrap_err();
             assert_eq!(error, "timed out after 200ms (PROPLET_TASK_TIMEOUT)");
-            assert!(started.elapsed() < Duration::from_secs(3));
             let error = call_with(bytes, function, &[], &limits(), || true).unwrap_err();
             assert_eq!(error, "stopped by the manager");
         }
@@ -1147,13 +1158,10 @@ mod tests {
                 r#"(func (export "_start") (call $sleep (i64.const {ns})))"#
             ))
         };
-        let started = Instant::now();
-        let error = call_with(&sleeper(3_600_000_000_000), "_start", &[], &quick(), || {
-            false
-        })
-        .unwrap_err();
+        let hour = sleeper(3_600_000_000_000);
+        let error =
+            guarded(move || call_with(&hour, "_start", &[], &quick(), || false)).unwrap_err();
         assert!(error.starts_with("timed out"), "{error}");
-        assert!(started.elapsed() < Duration::from_secs(3));
         // A short sleep just sleeps.
         let started = Instant::now();
         assert_eq!(call(&sleeper(20_000_000), "_start", &[]), Ok(String::new()));

@@ -28,6 +28,24 @@ pub fn upload(port: u16, path: &str, name: &str, file: &[u8]) -> (u16, Value) {
 }
 
 fn exchange(port: u16, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    let (status, _, body) = raw(port, method, path, content_type, body);
+    // 204 has no body.
+    let json = match body.trim() {
+        "" => Value::Null,
+        body => serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}")),
+    };
+    (status, json)
+}
+
+/// The status, `Content-Type` and body text of `method path` with `body`:
+/// for answers that are not JSON (`/metrics`) or must be seen as sent.
+pub fn raw(
+    port: u16,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (u16, String, String) {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the manager API");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -39,10 +57,11 @@ fn exchange(port: u16, method: &str, path: &str, content_type: &str, body: &[u8]
     )
     .unwrap();
     stream.write_all(body).unwrap();
-    let mut response = String::new();
+    let mut response = Vec::new();
     stream
-        .read_to_string(&mut response)
+        .read_to_end(&mut response)
         .expect("read the response");
+    let response = String::from_utf8_lossy(&response).into_owned();
     let (head, body) = response
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
@@ -51,12 +70,32 @@ fn exchange(port: u16, method: &str, path: &str, content_type: &str, body: &[u8]
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {head:?}"));
-    // 204 has no body.
-    let json = match body.trim() {
-        "" => Value::Null,
-        body => serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}")),
+    let header = |name: &str| {
+        head.lines()
+            .filter_map(|line| line.split_once(':'))
+            .find(|(key, _)| key.trim().eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.trim().to_owned())
+            .unwrap_or_default()
     };
-    (status, json)
+    let body = match header("transfer-encoding").eq_ignore_ascii_case("chunked") {
+        true => unchunk(body),
+        false => body.to_owned(),
+    };
+    (status, header("content-type"), body)
+}
+
+fn unchunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size =
+            usize::from_str_radix(size.split(';').next().unwrap_or("0").trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// The port the manager logged in `HTTP API listening address=…`.

@@ -13,6 +13,7 @@
 
 pub mod http;
 pub mod lab;
+pub mod modules;
 pub mod pki;
 pub mod process;
 pub mod relay;
