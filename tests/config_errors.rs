@@ -64,7 +64,7 @@ fn every_configuration_error_is_one_clear_line() {
         case("missing CA file", &["PROPLET_MQTT_TLS_CA_CERT=/nonexistent/ca.crt: cannot read the file", "check the path", "No such file"], |pki, port, env| {
             env.tls(port, pki).set("MQTT_TLS_CA_CERT", "/nonexistent/ca.crt");
         }),
-        case("unreadable client cert", &["PROPLET_MQTT_TLS_CLIENT_CERT=/: cannot read the file", "Is a directory"], |pki, port, env| {
+        case("unreadable client cert", &["PROPLET_MQTT_TLS_CLIENT_CERT=/: cannot read the file", "not a regular file"], |pki, port, env| {
             env.mtls(port, pki, &pki.identity("proplet")).set("MQTT_TLS_CLIENT_CERT", "/");
         }),
         case("CA file without a certificate", &["PROPLET_MQTT_TLS_CA_CERT=", "ca.key: holds a private key but no certificate"], |pki, port, env| {

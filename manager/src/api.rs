@@ -39,6 +39,8 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::domain::{Manager, ManagerError, Summary, TaskRequest};
+use crate::store::writer::Report;
+use crate::store::StoreState;
 use crate::tasks::Page;
 
 /// The largest request body: a module that fits in a start of the default
@@ -129,18 +131,18 @@ async fn route(manager: &Arc<Manager>, request: Request<Incoming>) -> Response<F
         (&Method::GET, ["health"]) => health(&manager.summary()),
         (&Method::GET, ["metrics"]) => Reply::Text(prometheus(&manager.summary())),
         (&Method::GET, ["proplets"]) => list_proplets(manager, &query),
-        (&Method::GET, ["proplets", id]) => match manager.lock().proplet(id) {
-            Ok(proplet) => ok(proplet.view()),
+        (&Method::GET, ["proplets", id]) => match manager.read().and_then(|s| s.proplet(id).map(|p| p.view())) {
+            Ok(view) => ok(view),
             Err(e) => e.into(),
         },
-        (&Method::DELETE, ["proplets", id]) => match manager.lock().delete_proplet(id) {
+        (&Method::DELETE, ["proplets", id]) => match manager.delete_proplet(id).await {
             Ok(()) => Reply::NoContent,
             Err(e) => e.into(),
         },
         (&Method::GET, ["proplets", id, "metrics"]) => match page(&query, u64::MAX) {
-            Ok(page) => match manager.lock().proplet(id) {
-                Ok(proplet) => {
-                    let latest: Vec<_> = proplet.metrics.iter().collect();
+            Ok(page) => match manager.read().and_then(|s| s.proplet(id).map(|p| p.metrics.clone())) {
+                Ok(metrics) => {
+                    let latest: Vec<_> = metrics.iter().collect();
                     ok(json!({"offset": page.offset, "limit": page.limit, "total": latest.len(), "metrics": page.of(latest.into_iter())}))
                 }
                 Err(e) => e.into(),
@@ -148,7 +150,7 @@ async fn route(manager: &Arc<Manager>, request: Request<Incoming>) -> Response<F
             Err(reply) => reply,
         },
         (&Method::GET, ["proplets", id, "alive-history"]) => match page(&query, u64::MAX) {
-            Ok(page) => match manager.lock().proplet(id) {
+            Ok(page) => match manager.read().and_then(|s| s.proplet(id).cloned()) {
                 Ok(proplet) => {
                     let history: Vec<String> =
                         proplet.alive_history.iter().map(|t| rfc3339(*t)).collect();
@@ -159,31 +161,30 @@ async fn route(manager: &Arc<Manager>, request: Request<Incoming>) -> Response<F
             Err(reply) => reply,
         },
         (&Method::POST, ["tasks"]) => match read_json::<TaskRequest>(request).await {
-            Ok(new) => match manager.lock().create(new, std::time::SystemTime::now()) {
+            Ok(new) => match manager.create(new).await {
                 Ok(task) => Reply::Created(format!("/tasks/{}", task.id), json!(task)),
                 Err(e) => e.into(),
             },
             Err(reply) => reply,
         },
         (&Method::GET, ["tasks"]) => match page(&query, MAX_LIMIT) {
-            Ok(page) => {
-                let state = manager.lock();
-                let (tasks, total) = state.tasks.page(page);
-                ok(json!({"offset": page.offset, "limit": page.limit, "total": total, "tasks": tasks}))
-            }
+            Ok(page) => match manager.read() {
+                Ok(state) => {
+                    let (tasks, total) = state.tasks.page(page);
+                    ok(json!({"offset": page.offset, "limit": page.limit, "total": total, "tasks": tasks}))
+                }
+                Err(e) => e.into(),
+            },
             Err(reply) => reply,
         },
-        (&Method::GET, ["tasks", id]) => match manager.lock().task(id) {
+        (&Method::GET, ["tasks", id]) => match manager.read().and_then(|s| s.task(id).map(|t| json!(t))) {
             Ok(task) => ok(task),
             Err(e) => e.into(),
         },
         (&Method::PUT, ["tasks", id]) => {
             let id = id.to_string();
             match read_json::<TaskRequest>(request).await {
-                Ok(update) => match manager
-                    .lock()
-                    .update(&id, update, std::time::SystemTime::now())
-                {
+                Ok(update) => match manager.update(&id, update).await {
                     Ok(task) => ok(task),
                     Err(e) => e.into(),
                 },
@@ -194,7 +195,7 @@ async fn route(manager: &Arc<Manager>, request: Request<Incoming>) -> Response<F
             let id = id.to_string();
             upload(manager, &id, request).await
         }
-        (&Method::DELETE, ["tasks", id]) => match manager.lock().delete(id) {
+        (&Method::DELETE, ["tasks", id]) => match manager.delete(id).await {
             Ok(()) => Reply::NoContent,
             Err(e) => e.into(),
         },
@@ -206,11 +207,11 @@ async fn route(manager: &Arc<Manager>, request: Request<Incoming>) -> Response<F
             Ok(()) => ok(json!({ "stopped": true })),
             Err(e) => e.into(),
         },
-        (&Method::GET, ["tasks", id, "results"]) => match manager.lock().task(id) {
-            Ok(task) => ok(json!({ "results": task.results })),
+        (&Method::GET, ["tasks", id, "results"]) => match manager.read().and_then(|s| s.task(id).map(|t| t.results.clone())) {
+            Ok(results) => ok(json!({ "results": results })),
             Err(e) => e.into(),
         },
-        (&Method::GET, ["tasks", id, "metrics"]) => match manager.lock().task(id) {
+        (&Method::GET, ["tasks", id, "metrics"]) => match manager.read().and_then(|s| s.task(id).map(drop)) {
             // Per-task metrics need upstream's monitoring profile, which our
             // proplet does not implement: an honest empty page.
             Ok(_) => ok(json!({"offset": 0, "limit": DEFAULT_LIMIT, "total": 0, "metrics": []})),
@@ -282,7 +283,10 @@ fn list_proplets(manager: &Manager, query: &str) -> Reply {
         Err(reply) => return reply,
     };
     let status = parameter(query, "status");
-    let state = manager.lock();
+    let state = match manager.read() {
+        Ok(state) => state,
+        Err(e) => return e.into(),
+    };
     match state.proplets(page, status.as_deref()) {
         Ok((proplets, total)) => {
             let views: Vec<Value> = proplets.iter().map(|p| p.view()).collect();
@@ -321,10 +325,7 @@ async fn upload(manager: &Manager, id: &str, request: Request<Incoming>) -> Repl
             "the file does not start with WebAssembly's magic bytes \\0asm: upload a WebAssembly module",
         );
     }
-    match manager
-        .lock()
-        .upload(id, module.to_vec(), std::time::SystemTime::now())
-    {
+    match manager.upload(id, module.to_vec()).await {
         Ok(task) => ok(task),
         Err(e) => e.into(),
     }
@@ -411,8 +412,24 @@ fn mqtt_state(state: &ConnectionState) -> Value {
     }
 }
 
+fn store_state(report: &Report) -> Value {
+    let mut store = json!({ "type": report.kind, "state": report.state.name() });
+    if !report.location.is_empty() {
+        store["location"] = json!(report.location);
+    }
+    match &report.state {
+        StoreState::Retrying { failure, attempts } => {
+            store["failure"] = json!(failure);
+            store["attempts"] = json!(attempts);
+        }
+        StoreState::Standby { holder } => store["holder"] = json!(holder),
+        StoreState::Ready | StoreState::Connecting => {}
+    }
+    store
+}
+
 /// Magistrala's health shape (`status: pass`), with what an operator needs
-/// to know besides: the broker connection and the proplets.
+/// to know besides: the broker connection, the store and the proplets.
 fn health(summary: &Summary) -> Reply {
     let proplets: serde_json::Map<String, Value> = summary
         .proplets
@@ -424,6 +441,7 @@ fn health(summary: &Summary) -> Reply {
         "version": env!("CARGO_PKG_VERSION"),
         "description": "manager service",
         "mqtt": mqtt_state(&summary.mqtt),
+        "store": store_state(&summary.store),
         "proplets": proplets,
     }))
 }
@@ -435,6 +453,23 @@ fn prometheus(summary: &Summary) -> String {
     let _ = writeln!(
         text,
         "# HELP propeller_manager_mqtt_connected Whether the manager is connected to the broker.\n# TYPE propeller_manager_mqtt_connected gauge\npropeller_manager_mqtt_connected {connected}"
+    );
+    let store = &summary.store;
+    let _ = writeln!(
+        text,
+        "# HELP propeller_manager_store_ready Whether the store takes writes: 0 while connecting, retrying or on standby.\n# TYPE propeller_manager_store_ready gauge\npropeller_manager_store_ready{{type=\"{}\"}} {}",
+        store.kind,
+        u8::from(store.state == StoreState::Ready)
+    );
+    let _ = writeln!(
+        text,
+        "# HELP propeller_manager_store_writes_total Transactions committed to the store.\n# TYPE propeller_manager_store_writes_total counter\npropeller_manager_store_writes_total {}",
+        store.writes
+    );
+    let _ = writeln!(
+        text,
+        "# HELP propeller_manager_store_write_seconds_total Time spent committing them.\n# TYPE propeller_manager_store_write_seconds_total counter\npropeller_manager_store_write_seconds_total {:.6}",
+        store.write_seconds
     );
     let _ = writeln!(
         text,
@@ -498,8 +533,17 @@ mod tests {
                 (Liveness::Offline, 1),
             ],
             tasks: vec![(TaskState::Completed, 3)],
+            store: Report {
+                kind: "sqlite",
+                location: "/x.db".into(),
+                state: StoreState::Ready,
+                writes: 2,
+                write_seconds: 0.5,
+            },
         });
         assert!(text.contains("propeller_manager_mqtt_connected 1\n"));
+        assert!(text.contains("propeller_manager_store_ready{type=\"sqlite\"} 1\n"));
+        assert!(text.contains("propeller_manager_store_writes_total 2\n"));
         assert!(text.contains("propeller_manager_proplets{state=\"alive\"} 2\n"));
         assert!(text.contains("propeller_manager_tasks{state=\"Completed\"} 3\n"));
     }

@@ -2,9 +2,9 @@
 //! from creation to result, and the choice of a proplet. [`State`] is plain
 //! data and unit-tested as such; [`Manager`] adds the MQTT side.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use propeller_mqtt::config::Channel;
@@ -18,6 +18,8 @@ use serde_json::{Map, Value};
 use tracing::{info, warn};
 
 use crate::registry::{Liveness, Proplet, Registry};
+use crate::store::writer::Report;
+use crate::store::{Batch, Handle, Snapshot};
 use crate::tasks::{Page, Task, TaskState, Tasks};
 
 /// Room in a start's packet for its topic and MQTT's header.
@@ -30,6 +32,11 @@ const MAX_IMAGE_URL: usize = 1024;
 /// The most bytes a task's inputs, arguments and environment may hold
 /// together (as JSON): they travel in every start.
 const MAX_ARGUMENTS: usize = 64 << 10;
+/// Results received before the store is loaded (PostgreSQL at startup, or
+/// a standby manager) are kept, at most this many and for this long, and
+/// applied once it is: they may finish tasks the store holds.
+const EARLY_RESULTS: usize = 10_000;
+const EARLY_RESULTS_AGE: Duration = Duration::from_secs(60);
 
 /// Why a request cannot be done. Each maps to one HTTP status in `api.rs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,6 +165,8 @@ pub struct Summary {
     pub proplets: [(Liveness, usize); 3],
     /// Tasks by state.
     pub tasks: Vec<(TaskState, usize)>,
+    /// The store.
+    pub store: Report,
 }
 
 /// Everything the manager knows.
@@ -169,9 +178,87 @@ pub struct State {
     pub tasks: Tasks,
     /// The largest packet the broker takes from us.
     pub max_packet: usize,
+    /// The store's content is here: until then (PostgreSQL not reached
+    /// yet, or another manager holds it) tasks and proplets cannot be
+    /// served.
+    pub loaded: bool,
+    /// Batches of changes taken by the store so far.
+    batches: u64,
+    /// Results received before the store was loaded, with when.
+    early_results: VecDeque<(Instant, TaskResult)>,
 }
 
 impl State {
+    /// A state with the store's `snapshot`, or, without one, waiting for
+    /// it.
+    pub fn new(registry: Registry, max_packet: usize, snapshot: Option<Snapshot>) -> Self {
+        let mut state = Self {
+            registry,
+            tasks: Tasks::default(),
+            max_packet,
+            loaded: false,
+            batches: 0,
+            early_results: VecDeque::new(),
+        };
+        if let Some(snapshot) = snapshot {
+            state.load(snapshot, Instant::now());
+        }
+        state
+    }
+
+    /// Replaces the tasks with the store's, adds the proplets it knows,
+    /// and applies the results that arrived before it was loaded.
+    pub fn load(&mut self, snapshot: Snapshot, now: Instant) {
+        // Proplets heard from before the load are not in the store yet.
+        self.registry.all_changed();
+        self.registry.restore(snapshot.proplets, now);
+        self.tasks = Tasks::restored(snapshot.tasks);
+        let running: Vec<String> = self.tasks.running().map(|t| t.proplet_id.clone()).collect();
+        self.registry.recount(running.iter().map(String::as_str));
+        self.loaded = true;
+        for (at, result) in std::mem::take(&mut self.early_results) {
+            if now.saturating_duration_since(at) < EARLY_RESULTS_AGE {
+                self.finish(&result, SystemTime::now());
+            }
+        }
+    }
+
+    /// Forgets the tasks: another manager holds the store now.
+    pub fn unload(&mut self) {
+        self.tasks = Tasks::default();
+        self.registry.clear_changed();
+        self.registry.recount(std::iter::empty());
+        self.loaded = false;
+    }
+
+    /// The number of the batch that will hold the changes made so far: the
+    /// API waits until it is committed.
+    pub fn next_batch(&self) -> u64 {
+        self.batches + 1
+    }
+
+    /// Takes every change made since the last call, as batch number
+    /// [`Self::next_batch`].
+    pub fn take_changes(&mut self) -> (u64, Batch) {
+        self.batches += 1;
+        let batch = Batch {
+            tasks: self.tasks.take_changed(),
+            proplets: self.registry.take_changed(),
+        };
+        (self.batches, batch)
+    }
+
+    /// Counts the records of a batch the store could not write as changed
+    /// again, to go out with the next one.
+    pub fn changed_again(&mut self, batch: &Batch) {
+        for (id, module, _) in &batch.tasks {
+            self.tasks.changed_again(id, *module);
+        }
+        for (id, _) in &batch.proplets {
+            self.registry.changed_again(id);
+        }
+    }
+
     /// A new task, Pending.
     pub fn create(&mut self, request: TaskRequest, now: SystemTime) -> Result<Task, ManagerError> {
         if request.name.trim().is_empty() {
@@ -194,7 +281,7 @@ impl State {
             kind: "standard",
             state: TaskState::Pending,
             image_url: request.image_url.trim().to_owned(),
-            file,
+            file: file.into(),
             cli_args: request.cli_args,
             inputs: request.inputs,
             env: request.env,
@@ -238,8 +325,9 @@ impl State {
         if !request.inputs.is_empty() {
             task.inputs = request.inputs;
         }
-        if !file.is_empty() {
-            task.file = file;
+        let module = !file.is_empty();
+        if module {
+            task.file = file.into();
         }
         if request.priority != 0 {
             task.priority = request.priority;
@@ -248,7 +336,11 @@ impl State {
             task.metadata = request.metadata;
         }
         task.updated_at = Some(now);
-        Ok(task.clone())
+        let task = task.clone();
+        if module {
+            self.tasks.module_changed(id);
+        }
+        Ok(task)
     }
 
     /// Sets the module of a task, from `PUT /tasks/{id}/upload`.
@@ -265,9 +357,11 @@ impl State {
                 "task {id} is running: stop it before changing its module"
             )));
         }
-        task.file = module;
+        task.file = module.into();
         task.updated_at = Some(now);
-        Ok(task.clone())
+        let task = task.clone();
+        self.tasks.module_changed(id);
+        Ok(task)
     }
 
     /// Forgets a task that is not running.
@@ -511,6 +605,12 @@ impl State {
                 Err(error) => warn!(%error, "ignoring a malformed heartbeat"),
             },
             topic::PROPLET_RESULTS => match serde_json::from_slice::<TaskResult>(payload) {
+                Ok(result) if !self.loaded => {
+                    if self.early_results.len() == EARLY_RESULTS {
+                        self.early_results.pop_front();
+                    }
+                    self.early_results.push_back((now, result));
+                }
                 Ok(result) => self.finish(&result, SystemTime::now()),
                 Err(error) => warn!(%error, "ignoring a malformed task result"),
             },
@@ -565,7 +665,7 @@ impl State {
     }
 
     /// Counts for `/health` and `/metrics`.
-    pub fn summary(&self, mqtt: ConnectionState) -> Summary {
+    pub fn summary(&self, mqtt: ConnectionState, store: Report) -> Summary {
         let count = |liveness| self.registry.all().filter(|p| p.state == liveness).count();
         Summary {
             mqtt,
@@ -578,35 +678,109 @@ impl State {
                 .iter()
                 .map(|state| (*state, self.tasks.count(*state)))
                 .collect(),
+            store,
         }
     }
 }
 
-/// The manager: its [`State`], and the MQTT client that carries its
-/// decisions to the proplets.
+/// The manager: its [`State`], the MQTT client that carries its decisions
+/// to the proplets, and the store that keeps them.
+///
+/// A request that changes something is refused with 503 while the store is
+/// not writable, is made in the state, and is answered once the store has
+/// committed it: what the API acknowledged survives a crash.
 pub struct Manager {
     client: Client,
     channel: Channel,
     state: Mutex<State>,
+    store: Handle,
 }
 
 impl Manager {
-    /// A manager with nothing known yet.
-    pub fn new(client: Client, channel: Channel, registry: Registry, max_packet: usize) -> Self {
+    /// A manager with `state`, writing to the store behind `store`.
+    pub fn new(client: Client, channel: Channel, state: State, store: Handle) -> Self {
         Self {
             client,
             channel,
-            state: Mutex::new(State {
-                registry,
-                tasks: Tasks::default(),
-                max_packet,
-            }),
+            state: Mutex::new(state),
+            store,
         }
     }
 
-    /// The state, for reading or for a change that needs no MQTT.
+    /// The state, for a change that needs no MQTT and no confirmation.
     pub fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state, for reading tasks and proplets: refused until the store
+    /// is loaded.
+    pub fn read(&self) -> Result<MutexGuard<'_, State>, ManagerError> {
+        let state = self.lock();
+        match state.loaded {
+            true => Ok(state),
+            false => Err(ManagerError::Unavailable(self.store.not_loaded())),
+        }
+    }
+
+    /// The store's handle.
+    pub fn store(&self) -> &Handle {
+        &self.store
+    }
+
+    /// Makes a change in the state, if the store can take it; returns its
+    /// outcome and the batch that will hold it.
+    fn change<T>(
+        &self,
+        change: impl FnOnce(&mut State) -> Result<T, ManagerError>,
+    ) -> Result<(T, u64), ManagerError> {
+        self.store.writable().map_err(ManagerError::Unavailable)?;
+        let mut state = self.read()?;
+        let outcome = change(&mut state)?;
+        let batch = state.next_batch();
+        drop(state);
+        self.store.wake();
+        Ok((outcome, batch))
+    }
+
+    /// Waits until the store has committed `batch`.
+    async fn confirmed(&self, batch: u64) -> Result<(), ManagerError> {
+        self.store
+            .confirmed(batch)
+            .await
+            .map_err(ManagerError::Unavailable)
+    }
+
+    /// A new task, Pending, once stored.
+    pub async fn create(&self, request: TaskRequest) -> Result<Task, ManagerError> {
+        let (task, batch) = self.change(|s| s.create(request, SystemTime::now()))?;
+        self.confirmed(batch).await?;
+        Ok(task)
+    }
+
+    /// A changed task, once stored.
+    pub async fn update(&self, id: &str, request: TaskRequest) -> Result<Task, ManagerError> {
+        let (task, batch) = self.change(|s| s.update(id, request, SystemTime::now()))?;
+        self.confirmed(batch).await?;
+        Ok(task)
+    }
+
+    /// A task with a new module, once stored.
+    pub async fn upload(&self, id: &str, module: Vec<u8>) -> Result<Task, ManagerError> {
+        let (task, batch) = self.change(|s| s.upload(id, module, SystemTime::now()))?;
+        self.confirmed(batch).await?;
+        Ok(task)
+    }
+
+    /// Deletes a task, once stored.
+    pub async fn delete(&self, id: &str) -> Result<(), ManagerError> {
+        let ((), batch) = self.change(|s| s.delete(id))?;
+        self.confirmed(batch).await
+    }
+
+    /// Forgets a proplet, once stored.
+    pub async fn delete_proplet(&self, id: &str) -> Result<(), ManagerError> {
+        let ((), batch) = self.change(|s| s.delete_proplet(id))?;
+        self.confirmed(batch).await
     }
 
     /// Everything on the channel arrives here.
@@ -614,12 +788,27 @@ impl Manager {
         if let Some(suffix) = self.channel.suffix(&message.topic) {
             self.lock()
                 .receive(suffix, &message.payload, Instant::now());
+            self.store.wake();
         }
     }
 
-    /// Sends a task to its proplet.
+    /// Once a second: liveness, and the tasks of proplets gone.
+    pub fn sweep(&self) {
+        self.lock().sweep(Instant::now());
+        self.store.wake();
+    }
+
+    /// Sends a task to its proplet. The task is stored as Running before
+    /// the start goes out, so that a manager restarted at any point takes
+    /// the proplet's result.
     pub async fn start(&self, id: &str) -> Result<(), ManagerError> {
-        let message = self.lock().schedule(id, SystemTime::now())?;
+        let (message, batch) = self.change(|s| s.schedule(id, SystemTime::now()))?;
+        if let Err(e) = self.confirmed(batch).await {
+            let error = format!("the task's start could not be stored: {e}");
+            self.lock().unschedule(id, error, SystemTime::now());
+            self.store.wake();
+            return Err(e);
+        }
         let topic = self.channel.topic(topic::MANAGER_START);
         match self.client.publish(topic, message).await {
             Ok(_) => {
@@ -632,43 +821,71 @@ impl Manager {
             Err(e) => {
                 let error = format!("cannot publish the task: {e}");
                 self.lock().unschedule(id, error.clone(), SystemTime::now());
+                self.store.wake();
                 Err(ManagerError::Unavailable(error))
             }
         }
     }
 
-    /// Asks the task's proplet to stop it.
+    /// Asks the task's proplet to stop it; the task is Interrupted once
+    /// stored.
     pub async fn stop(&self, id: &str) -> Result<(), ManagerError> {
-        let stop = self.lock().stop(id)?;
+        let (stop, _) = self.change(|s| s.stop(id))?;
         let topic = self.channel.topic(topic::MANAGER_STOP);
         let _delivery = self
             .client
             .publish(topic, payload(&stop))
             .await
             .map_err(|e| ManagerError::Unavailable(format!("cannot publish the stop: {e}")))?;
-        self.lock().stopped(id, SystemTime::now());
+        // Sent: the task is over, whatever the store says now.
+        let batch = {
+            let mut state = self.lock();
+            state.stopped(id, SystemTime::now());
+            state.next_batch()
+        };
+        self.store.wake();
         info!(task_id = id, "task stopped");
-        Ok(())
+        self.confirmed(batch).await
+    }
+
+    /// Replaces the state's tasks with the store's `snapshot`.
+    pub fn load(&self, snapshot: Snapshot) {
+        self.lock().load(snapshot, Instant::now());
+        self.store.wake();
+    }
+
+    /// Forgets the tasks: another manager holds the store.
+    pub fn unload(&self) {
+        self.lock().unload();
+    }
+
+    /// Every change since the last call, and its batch number.
+    pub fn take_changes(&self) -> (u64, Batch) {
+        self.lock().take_changes()
+    }
+
+    /// A batch the store could not write: its records go out with the next.
+    pub fn changed_again(&self, batch: &Batch) {
+        self.lock().changed_again(batch);
     }
 
     /// Counts for `/health` and `/metrics`.
     pub fn summary(&self) -> Summary {
         let mqtt = self.client.state().borrow().clone();
-        self.lock().summary(mqtt)
+        self.lock().summary(mqtt, self.store.report())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn state() -> State {
-        State {
-            registry: Registry::new(Duration::from_secs(10)),
-            tasks: Tasks::default(),
-            max_packet: 64 << 10,
-        }
+        State::new(
+            Registry::new(Duration::from_secs(10)),
+            64 << 10,
+            Some(Snapshot::default()),
+        )
     }
 
     fn request(json: &str) -> TaskRequest {
@@ -881,5 +1098,113 @@ mod tests {
         assert_eq!(state.proplets(all, Some("inactive")).unwrap().1, 1);
         assert_eq!(state.proplets(all, None).unwrap().1, 2);
         assert!(state.proplets(all, Some("dead")).is_err());
+    }
+
+    /// What the store is given: every task and announced proplet changed,
+    /// once, and again after a failed write.
+    #[test]
+    fn changes_are_taken_once_and_again_after_a_failure() {
+        let mut state = state();
+        let now = SystemTime::now();
+        state.registry.alive("unannounced", Instant::now());
+        alive(&mut state, "p1");
+        let task = state
+            .create(
+                request(r#"{"name":"f","file":"AGFzbQEAAAA=","proplet_id":"p1"}"#),
+                now,
+            )
+            .unwrap();
+        let (first, batch) = state.take_changes();
+        assert_eq!(first, 1);
+        assert_eq!(batch.tasks.len(), 1);
+        assert!(batch.tasks[0].1, "a new task is written with its module");
+        let proplets: Vec<&str> = batch.proplets.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(proplets, ["p1"], "heartbeats alone are not kept");
+        assert!(state.take_changes().1.is_empty());
+        state.schedule(&task.id, now).unwrap();
+        assert_eq!(state.next_batch(), 3);
+        let (_, batch) = state.take_changes();
+        assert_eq!(batch.tasks.len(), 1);
+        assert!(!batch.tasks[0].1, "a start does not rewrite the module");
+        state.changed_again(&batch);
+        state.finish(&TaskResult::new(&task.id, "p1", Ok("7".into())), now);
+        let (_, batch) = state.take_changes();
+        let (_, _, written) = &batch.tasks[0];
+        assert_eq!(written.as_ref().unwrap().state, TaskState::Completed);
+        state.delete(&task.id).unwrap();
+        state.delete_proplet("p1").unwrap();
+        let (_, batch) = state.take_changes();
+        assert!(batch.tasks[0].2.is_none() && batch.proplets[0].1.is_none());
+    }
+
+    /// After a restart: the tasks as stored, their proplets known again,
+    /// and results that came before the load applied.
+    #[test]
+    fn a_load_restores_tasks_proplets_and_early_results() {
+        let mut old = state();
+        let now = SystemTime::now();
+        alive(&mut old, "p1");
+        let running = old
+            .create(
+                request(r#"{"name":"f","image_url":"x","proplet_id":"p1"}"#),
+                now,
+            )
+            .unwrap();
+        old.schedule(&running.id, now).unwrap();
+        let snapshot = Snapshot {
+            tasks: old
+                .tasks
+                .take_changed()
+                .into_iter()
+                .filter_map(|(_, _, t)| t)
+                .collect(),
+            proplets: old
+                .registry
+                .take_changed()
+                .into_iter()
+                .filter_map(|(_, p)| p)
+                .collect(),
+        };
+        let mut state = State::new(Registry::new(Duration::from_secs(10)), 64 << 10, None);
+        assert!(!state.loaded);
+        let result =
+            serde_json::to_vec(&TaskResult::new(&running.id, "p1", Ok("7".into()))).unwrap();
+        state.receive(topic::PROPLET_RESULTS, &result, Instant::now());
+        state.load(snapshot, Instant::now());
+        assert!(state.loaded);
+        let done = state.task(&running.id).unwrap();
+        assert_eq!(
+            (done.state, &done.results),
+            (TaskState::Completed, &Value::from("7"))
+        );
+        let proplet = state.proplet("p1").unwrap();
+        assert_eq!(
+            proplet.state,
+            Liveness::Discovered,
+            "alive again at its next heartbeat"
+        );
+        assert_eq!(proplet.running_tasks, 0);
+        // A task still running keeps its proplet busy after the load.
+        let mut old = state;
+        let again = old
+            .create(
+                request(r#"{"name":"f","image_url":"x","proplet_id":"p1"}"#),
+                now,
+            )
+            .unwrap();
+        alive(&mut old, "p1");
+        old.schedule(&again.id, now).unwrap();
+        let snapshot = Snapshot {
+            tasks: vec![old.task(&again.id).unwrap().clone()],
+            proplets: vec![old.proplet("p1").unwrap().stored()],
+        };
+        let mut state = State::new(
+            Registry::new(Duration::from_secs(10)),
+            64 << 10,
+            Some(snapshot),
+        );
+        assert_eq!(state.proplet("p1").unwrap().running_tasks, 1);
+        state.unload();
+        assert!(!state.loaded && state.task(&again.id).is_err());
     }
 }

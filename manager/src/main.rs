@@ -7,29 +7,35 @@ mod api;
 mod domain;
 mod multipart;
 mod registry;
+mod store;
 mod tasks;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use propeller_mqtt::config::value;
 use propeller_mqtt::service::{self, Context};
 use propeller_mqtt::{Config, Error, Service};
 use tracing::info;
 
-use domain::Manager;
+use domain::{Manager, State};
 use registry::Registry;
+use store::{Handle, Snapshot, Store, StoreState};
 
 struct Settings {
     liveliness: Duration,
     listener: std::net::TcpListener,
+    store: Store,
+    /// What the store held, when it was read before connecting.
+    snapshot: Option<Snapshot>,
 }
 
 impl Settings {
-    /// Reads `MANAGER_LIVELINESS_INTERVAL` and binds the API's address, so
-    /// that a port in use is reported before connecting.
+    /// Reads `MANAGER_LIVELINESS_INTERVAL`, binds the API's address, so
+    /// that a port in use is reported before connecting, and opens the
+    /// store, so that a bad store file is too.
     fn prepare(config: &mut Config) -> Result<Self, Error> {
         let settings = &config.settings;
         let liveliness = settings.parse(
@@ -73,9 +79,12 @@ impl Settings {
                 address,
                 source,
             })?;
+        let (store, snapshot) = Store::open(settings, &config.client_id)?;
         Ok(Self {
             liveliness,
             listener,
+            store,
+            snapshot,
         })
     }
 }
@@ -89,22 +98,60 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
     if let Ok(address) = listener.local_addr() {
         info!(%address, "HTTP API listening");
     }
+    let (kind, location) = (settings.store.kind(), settings.store.location());
+    let opened = settings.snapshot.is_some();
+    if let Some(snapshot) = &settings.snapshot {
+        info!(
+            store = kind,
+            location,
+            tasks = snapshot.tasks.len(),
+            proplets = snapshot.proplets.len(),
+            "store loaded"
+        );
+    }
+    let state = State::new(
+        Registry::new(settings.liveliness),
+        context.config.max_packet_size,
+        settings.snapshot,
+    );
+    let store = Handle::new(
+        kind,
+        location,
+        match opened {
+            true => StoreState::Ready,
+            false => StoreState::Connecting,
+        },
+    );
     let manager = Arc::new(Manager::new(
         context.client.clone(),
         context.config.channel.clone(),
-        Registry::new(settings.liveliness),
-        context.config.max_packet_size,
+        state,
+        store,
+    ));
+    let (stop_writer, writer_stopping) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(store::writer::run(
+        manager.clone(),
+        settings.store,
+        opened,
+        writer_stopping,
     ));
     tokio::spawn(api::serve(listener, manager.clone()));
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = sweep.tick() => manager.lock().sweep(Instant::now()),
+            _ = sweep.tick() => manager.sweep(),
             message = context.messages.recv() => match message {
                 Some(message) => manager.receive(&message),
-                None => return Ok(()),
+                None => break,
             },
-            _ = context.stopping.changed() => return Ok(()),
+            _ = context.stopping.changed() => break,
         }
     }
+    // What changed since the last write (results, heartbeats) goes out now.
+    let _ = stop_writer.send(true);
+    let _ = tokio::time::timeout(WRITER_GRACE, writer).await;
+    Ok(())
 }
+
+/// How long the last write may take at shutdown, within the service's grace.
+const WRITER_GRACE: Duration = Duration::from_secs(3);

@@ -6,7 +6,7 @@
 //! is bounded, forgets ids that never announced themselves once they fall
 //! silent, and sends tasks only to proplets that announced themselves.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
 use propeller_mqtt::protocol::Untrusted;
@@ -81,6 +81,18 @@ impl Proplet {
         self.alive() && self.announced
     }
 
+    /// What the store keeps of it.
+    pub fn stored(&self) -> StoredProplet {
+        StoredProplet {
+            id: self.id.clone(),
+            namespace: self.namespace.clone(),
+            metadata: self.metadata.clone(),
+            alive_history: self.alive_history.iter().copied().collect(),
+            metrics: self.metrics.clone(),
+            offline: self.state == Liveness::Offline,
+        }
+    }
+
     /// Upstream's `PropletView`: what `GET /proplets` shows.
     pub fn view(&self) -> Value {
         let mut view = json!({
@@ -97,12 +109,34 @@ impl Proplet {
     }
 }
 
-/// Every proplet seen since the manager started.
+/// A proplet as the store keeps it: what it announced, its heartbeats and
+/// its latest metrics. Only announced proplets are kept; ids that only ever
+/// sent heartbeats are anyone's to invent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredProplet {
+    /// Its id.
+    pub id: String,
+    /// As announced.
+    pub namespace: String,
+    /// As announced.
+    pub metadata: PropletMetadata,
+    /// Its last heartbeats, oldest first, at most [`ALIVE_HISTORY`].
+    pub alive_history: Vec<SystemTime>,
+    /// Its latest metrics.
+    pub metrics: Option<PropletMetrics>,
+    /// Its last will arrived, or it missed its heartbeats.
+    pub offline: bool,
+}
+
+/// Every proplet seen since the manager started, or kept by the store.
 #[derive(Debug)]
 pub struct Registry {
     proplets: BTreeMap<String, Proplet>,
     /// Silence after which an alive proplet is offline.
     silence: Duration,
+    /// Announced proplets changed (or forgotten) since the store took the
+    /// changes.
+    changed: BTreeSet<String>,
 }
 
 impl Registry {
@@ -111,6 +145,85 @@ impl Registry {
         Self {
             proplets: BTreeMap::new(),
             silence: interval * MISSED_HEARTBEATS,
+            changed: BTreeSet::new(),
+        }
+    }
+
+    /// Adds proplets read back from the store, unless heard from already.
+    /// Their liveness is not known until they are heard from: one the store
+    /// left offline stays offline; any other is discovered, and offline
+    /// after [`MISSED_HEARTBEATS`] silent intervals from `now` (failing the
+    /// tasks still running on it then, as for any proplet gone silent).
+    pub fn restore(&mut self, stored: Vec<StoredProplet>, now: Instant) {
+        for proplet in stored {
+            if self.proplets.contains_key(&proplet.id) || self.proplets.len() >= MAX_PROPLETS {
+                continue;
+            }
+            let state = match proplet.offline {
+                true => Liveness::Offline,
+                false => Liveness::Discovered,
+            };
+            let id = proplet.id.clone();
+            self.proplets.insert(
+                id.clone(),
+                Proplet {
+                    id,
+                    state,
+                    namespace: proplet.namespace,
+                    metadata: proplet.metadata,
+                    alive_history: proplet.alive_history.into_iter().collect(),
+                    metrics: proplet.metrics,
+                    running_tasks: 0,
+                    announced: true,
+                    seen: now,
+                },
+            );
+        }
+    }
+
+    /// The announced proplets changed since the last call: each id, and the
+    /// proplet as the store keeps it (`None` once forgotten).
+    pub fn take_changed(&mut self) -> Vec<(String, Option<StoredProplet>)> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|id| {
+                let stored = self
+                    .proplets
+                    .get(&id)
+                    .filter(|p| p.announced)
+                    .map(Proplet::stored);
+                (id, stored)
+            })
+            .collect()
+    }
+
+    /// Counts `id` as changed again, after the store failed to take it.
+    pub fn changed_again(&mut self, id: &str) {
+        self.changed.insert(id.to_owned());
+    }
+
+    /// Counts every announced proplet as changed: after a load, those heard
+    /// from before it are not in the store yet.
+    pub fn all_changed(&mut self) {
+        let announced = self.proplets.values().filter(|p| p.announced);
+        self.changed.extend(announced.map(|p| p.id.clone()));
+    }
+
+    /// Forgets what changed: another manager has the store now.
+    pub fn clear_changed(&mut self) {
+        self.changed.clear();
+    }
+
+    /// Sets each proplet's count of running tasks from the proplet ids of
+    /// the tasks running now.
+    pub fn recount<'a>(&mut self, running: impl Iterator<Item = &'a str>) {
+        for proplet in self.proplets.values_mut() {
+            proplet.running_tasks = 0;
+        }
+        for id in running {
+            if let Some(proplet) = self.proplets.get_mut(id) {
+                proplet.running_tasks += 1;
+            }
         }
     }
 
@@ -129,6 +242,7 @@ impl Registry {
         if proplet.state == Liveness::Offline {
             Self::transition(proplet, Liveness::Discovered, "announced itself again");
         }
+        self.changed.insert(id.to_owned());
     }
 
     /// A heartbeat.
@@ -142,12 +256,18 @@ impl Registry {
         }
         proplet.alive_history.push_back(SystemTime::now());
         Self::transition(proplet, Liveness::Alive, "heartbeat");
+        if proplet.announced {
+            self.changed.insert(id.to_owned());
+        }
     }
 
     /// The last will, or any other `offline` status.
     pub fn offline(&mut self, id: &str, why: &'static str) {
         if let Some(proplet) = self.proplets.get_mut(id) {
             Self::transition(proplet, Liveness::Offline, why);
+            if proplet.announced {
+                self.changed.insert(id.to_owned());
+            }
         }
     }
 
@@ -160,6 +280,9 @@ impl Registry {
                 && now.duration_since(proplet.seen) >= self.silence
             {
                 Self::transition(proplet, Liveness::Offline, "missed 3 heartbeats");
+                if proplet.announced {
+                    self.changed.insert(proplet.id.clone());
+                }
             }
         }
         self.proplets
@@ -181,6 +304,9 @@ impl Registry {
     pub fn metrics(&mut self, metrics: PropletMetrics) -> bool {
         match self.proplets.get_mut(&metrics.proplet_id) {
             Some(proplet) => {
+                if proplet.announced {
+                    self.changed.insert(proplet.id.clone());
+                }
                 proplet.metrics = Some(metrics);
                 true
             }
@@ -190,6 +316,7 @@ impl Registry {
 
     /// Forgets a proplet.
     pub fn remove(&mut self, id: &str) -> Option<Proplet> {
+        self.changed.insert(id.to_owned());
         self.proplets.remove(id)
     }
 

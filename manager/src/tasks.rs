@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::SystemTime;
 
 use base64::Engine as _;
+use bytes::Bytes;
 use propeller_mqtt::protocol::{rfc3339, StartTask, TaskResult, ZERO_TIME};
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
@@ -46,6 +47,11 @@ impl TaskState {
         }
     }
 
+    /// The state of upstream's integer, as the store keeps it.
+    pub fn from_code(code: i64) -> Option<Self> {
+        Self::ALL.into_iter().find(|state| *state as i64 == code)
+    }
+
     /// Every state, for metrics.
     pub const ALL: [Self; 7] = [
         Self::Pending,
@@ -78,9 +84,10 @@ pub struct Task {
     /// Where the proxy finds the module.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub image_url: String,
-    /// The module itself; shown redacted, as upstream does.
-    #[serde(serialize_with = "redacted", skip_serializing_if = "Vec::is_empty")]
-    pub file: Vec<u8>,
+    /// The module itself; shown redacted, as upstream does. Shared, not
+    /// copied, by the clones the store writes.
+    #[serde(serialize_with = "redacted", skip_serializing_if = "Bytes::is_empty")]
+    pub file: Bytes,
     /// The WASI command's arguments.
     pub cli_args: Vec<String>,
     /// The function's arguments.
@@ -138,7 +145,7 @@ fn time<S: Serializer>(time: &Option<SystemTime>, serializer: S) -> Result<S::Ok
 }
 
 /// Upstream's redaction: a module is never sent back whole.
-fn redacted<S: Serializer>(file: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+fn redacted<S: Serializer>(file: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
     let encoded = base64::engine::general_purpose::STANDARD.encode(file);
     match encoded.len() {
         0..=20 => serializer.serialize_str(&encoded),
@@ -197,15 +204,28 @@ impl Page {
     }
 }
 
-/// Every task this manager knows.
+/// Every task this manager knows, and which of them changed since the
+/// store last took the changes.
 #[derive(Debug, Default)]
 pub struct Tasks {
     tasks: HashMap<String, Task>,
+    /// Changed tasks; `true` when the module changed too, so that the store
+    /// rewrites a large module only when it is new.
+    changed: BTreeMap<String, bool>,
 }
 
 impl Tasks {
+    /// Tasks read back from the store, unchanged.
+    pub fn restored(tasks: impl IntoIterator<Item = Task>) -> Self {
+        Self {
+            tasks: tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
+            changed: BTreeMap::new(),
+        }
+    }
+
     /// Records a new task.
     pub fn insert(&mut self, task: Task) {
+        self.changed.insert(task.id.clone(), true);
         self.tasks.insert(task.id.clone(), task);
     }
 
@@ -214,14 +234,41 @@ impl Tasks {
         self.tasks.get(id)
     }
 
-    /// One task, to change.
+    /// One task, to change (so it counts as changed).
     pub fn get_mut(&mut self, id: &str) -> Option<&mut Task> {
-        self.tasks.get_mut(id)
+        let task = self.tasks.get_mut(id)?;
+        self.changed.entry(id.to_owned()).or_insert(false);
+        Some(task)
+    }
+
+    /// A task's module changed.
+    pub fn module_changed(&mut self, id: &str) {
+        if self.tasks.contains_key(id) {
+            self.changed.insert(id.to_owned(), true);
+        }
     }
 
     /// Forgets a task.
     pub fn remove(&mut self, id: &str) -> Option<Task> {
+        self.changed.insert(id.to_owned(), false);
         self.tasks.remove(id)
+    }
+
+    /// The tasks changed since the last call: each id, whether its module
+    /// changed, and the task (`None` once deleted).
+    pub fn take_changed(&mut self) -> Vec<(String, bool, Option<Task>)> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .map(|(id, module)| {
+                let task = self.tasks.get(&id).cloned();
+                (id, module, task)
+            })
+            .collect()
+    }
+
+    /// Counts `id` as changed again, after the store failed to take it.
+    pub fn changed_again(&mut self, id: &str, module: bool) {
+        *self.changed.entry(id.to_owned()).or_insert(false) |= module;
     }
 
     /// A page of them, oldest first, and how many there are in all.
@@ -258,6 +305,7 @@ impl Tasks {
         {
             return Err(Ignored::OtherProplet);
         }
+        self.changed.entry(task.id.clone()).or_insert(false);
         task.state = match result.failure() {
             None => TaskState::Completed,
             Some(_) => TaskState::Failed,

@@ -15,10 +15,12 @@ pub mod http;
 pub mod lab;
 pub mod modules;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod relay;
 pub mod servers;
 
+use std::io::Write;
 use std::path::Path;
 
 pub use pki::{Identity, Pki, KEY_PASSWORD};
@@ -68,7 +70,9 @@ pub fn servers_available(test: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("{message} (CI requires them)");
     }
-    eprintln!("{message}");
+    // Straight to the process's stderr, which the test harness does not
+    // capture: a run without the servers must not pass for a full one.
+    let _ = writeln!(std::io::stderr(), "{message}");
     false
 }
 
@@ -135,8 +139,12 @@ impl Env {
             .set("CHANNEL_ID", CHANNEL)
             .set("MQTT_TIMEOUT", "5s");
         if prefix == "MANAGER" {
-            // Tests run managers side by side: never the fixed default port.
-            env.set("HTTP_HOST", "127.0.0.1").set("HTTP_PORT", "0");
+            // Tests run managers side by side: never the fixed default port,
+            // nor the default store file (./propeller.db, locked by the first
+            // manager). tests/store.rs sets the store it tests.
+            env.set("HTTP_HOST", "127.0.0.1")
+                .set("HTTP_PORT", "0")
+                .set("STORAGE_TYPE", "memory");
         }
         env
     }

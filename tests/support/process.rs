@@ -94,7 +94,31 @@ impl ServiceProcess {
         args: &[&str],
         env: &[(String, String)],
     ) -> ServiceProcess {
-        let mut child = Command::new(self::binary(binary))
+        Self::spawn(binary, args, env, None)
+    }
+
+    /// Starts `binary` with exactly `env` (plus PATH) in the directory
+    /// `dir`, output captured: for what a service finds in its working
+    /// directory, such as the manager's default store file.
+    pub fn start_in(
+        binary: &str,
+        env: &[(String, String)],
+        dir: &std::path::Path,
+    ) -> ServiceProcess {
+        Self::spawn(binary, &[], env, Some(dir))
+    }
+
+    fn spawn(
+        binary: &str,
+        args: &[&str],
+        env: &[(String, String)],
+        dir: Option<&std::path::Path>,
+    ) -> ServiceProcess {
+        let mut command = Command::new(self::binary(binary));
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let mut child = command
             .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -70,6 +70,15 @@ impl Service {
                 "LIVELINESS_INTERVAL",
                 "HTTP_HOST",
                 "HTTP_PORT",
+                // The store, upstream's names (manager/src/store).
+                "STORAGE_TYPE",
+                "SQLITE_PATH",
+                "POSTGRES_HOST",
+                "POSTGRES_PORT",
+                "POSTGRES_USER",
+                "POSTGRES_PASS",
+                "POSTGRES_DB",
+                "POSTGRES_SSLMODE",
             ],
             Service::Proplet => &[
                 "CONFIG_FILE",
