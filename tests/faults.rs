@@ -263,8 +263,10 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
         .collect();
     assert!(
         unexplained.is_empty(),
-        "{} messages lost; the first (number, acknowledged at): {detail:?}; kills: {kills:?}",
+        "{} messages lost; the first (number, acknowledged at): {detail:?}; kills: {kills:?}; \
+         {connected} connections; {} received, {duplicates} duplicates",
         unexplained.len(),
+        received.len(),
     );
 }
 

@@ -164,6 +164,7 @@ type Waiter = oneshot::Sender<Result<Bytes, String>>;
 pub struct Modules {
     client: Client,
     request_topic: String,
+    wait: Duration,
     state: Arc<Mutex<State>>,
 }
 
@@ -179,6 +180,7 @@ impl Modules {
         Self {
             client,
             request_topic,
+            wait: WAIT,
             state: Arc::default(),
         }
     }
@@ -201,7 +203,7 @@ impl Modules {
         if first {
             self.request(app_name).await.map_err(|e| e.to_string())?;
         }
-        let outcome = tokio::time::timeout(WAIT, receiver).await;
+        let outcome = tokio::time::timeout(self.wait, receiver).await;
         if outcome.is_err() {
             // Nobody waits for it any more: forget it, so that late chunks
             // for it are ignored rather than collected.
@@ -219,7 +221,7 @@ impl Modules {
             Ok(Err(_)) => Err("the proplet is stopping".to_owned()),
             Err(_) => Err(format!(
                 "module {app_name:?} did not arrive from the proxy within {}s: is the proxy running and connected?",
-                WAIT.as_secs()
+                self.wait.as_secs()
             )),
         }
     }
@@ -389,5 +391,34 @@ mod tests {
         ));
         assert_eq!(assembler.add(chunk(1 << 20), now), Added::Partial);
         assert_eq!(assembler.held(), 1);
+    }
+
+    /// A fetch that timed out is forgotten: its waiter is removed, and late
+    /// chunks for it are not collected.
+    #[tokio::test]
+    async fn a_timed_out_fetch_is_forgotten() {
+        // A client whose broker is never there: publishes wait in its outbox.
+        let vars = [
+            ("PROPLET_MQTT_ADDRESS", "tcp://127.0.0.1:9"),
+            ("PROPLET_CLIENT_ID", "p"),
+            ("PROPLET_CLIENT_KEY", "k"),
+            ("PROPLET_DOMAIN_ID", "d"),
+            ("PROPLET_CHANNEL_ID", "c"),
+            // Shutdown waits this long for the outbox.
+            ("PROPLET_MQTT_TIMEOUT", "100ms"),
+        ];
+        let config =
+            propeller_mqtt::Config::from_vars(propeller_mqtt::Service::Proplet, vars).unwrap();
+        let (client, _) = Client::start(&config, vec![]).unwrap();
+        let mut modules = Modules::new(client.clone(), "registry/proplet".into());
+        modules.wait = Duration::from_millis(50);
+        let error = modules.fetch("late.wasm").await.unwrap_err();
+        assert!(error.contains("did not arrive"), "{error}");
+        assert!(modules.lock().waiters.is_empty());
+        let mut late = chunks(b"abcdef", 2).remove(0);
+        late.app_name = "late.wasm".into();
+        modules.chunk(late);
+        assert!(!modules.lock().assembler.collecting("late.wasm"));
+        client.shutdown().await;
     }
 }
