@@ -1,18 +1,18 @@
 //! The task that owns rumqttc's event loop.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing,
     SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
 use super::failure::Failure;
-use super::{probe, Command, ConnectionState, Message, Shared};
+use super::{lock, probe, socket, Command, ConnectionState, Message, Shared};
 use crate::config::{BrokerAddress, Config};
 use crate::tls::{self, TlsSetup, Trust};
 
@@ -45,6 +45,8 @@ pub(crate) fn mqtt_options(
             tls.client_config.clone(),
         )));
     }
+    // Our own TCP stream, on every (re)connect: quick acknowledgements.
+    options.set_socket_connector(|address, _| socket::connect(address));
     options
 }
 
@@ -206,7 +208,7 @@ impl Driver {
                 "connected WITHOUT verifying the broker's certificate"
             );
         }
-        let mut shared = self.shared.lock().await;
+        let mut shared = lock(&self.shared);
         if !session_present {
             // The broker forgot our subscriptions and rumqttc dropped its
             // unacknowledged publishes: restore both from our own records.
@@ -222,7 +224,7 @@ impl Driver {
                 );
             }
             for id in pending {
-                if let Err(e) = shared.send(&self.mqtt, id).await {
+                if let Err(e) = shared.send(&self.mqtt, id) {
                     error!(error = %e, "cannot queue a publish");
                 }
             }
@@ -245,23 +247,24 @@ impl Driver {
                 // A service that ignores messages drops the receiver; that is fine.
                 let _ = self.inbox.send(message).await;
             }
-            Event::Incoming(Incoming::PubAck(ack)) => {
-                self.shared.lock().await.outbox.acknowledged(ack.pkid)
-            }
-            Event::Incoming(Incoming::PubComp(comp)) => {
-                self.shared.lock().await.outbox.acknowledged(comp.pkid)
-            }
-            Event::Outgoing(Outgoing::Publish(pkid)) => self.shared.lock().await.outbox.sent(pkid),
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
-                self.shared.lock().await.outbox.held_back(pkid)
-            }
-            Event::Outgoing(Outgoing::Subscribe(pkid)) => {
-                self.shared.lock().await.subscriptions.sent(pkid)
-            }
             Event::Incoming(Incoming::SubAck(suback)) => {
-                self.on_suback(suback.pkid, &suback.return_codes).await
+                self.on_suback(suback.pkid, &suback.return_codes)
             }
-            _ => {}
+            event => {
+                // Bookkeeping, and rumqttc usually has more of it read and
+                // buffered (it reads and writes in batches): take it all
+                // under one lock, in order, rather than one poll per event.
+                let mut shared = lock(&self.shared);
+                let mut next = Some(event);
+                while let Some(event) = next {
+                    bookkeep(&mut shared, event);
+                    let buffered = &mut self.eventloop.state.events;
+                    next = match buffered.front().is_some_and(is_bookkeeping) {
+                        true => buffered.pop_front(),
+                        false => None,
+                    };
+                }
+            }
         }
     }
 
@@ -277,7 +280,7 @@ impl Driver {
         for event in buffered {
             self.on_event(event).await;
         }
-        let mut shared = self.shared.lock().await;
+        let mut shared = lock(&self.shared);
         shared.connected = false;
         self.eventloop.clean();
         // A publish held back for a packet id of the old session would block
@@ -286,8 +289,8 @@ impl Driver {
         shared.outbox.connection_lost();
     }
 
-    async fn on_suback(&mut self, pkid: u16, codes: &[SubscribeReasonCode]) {
-        let topics = self.shared.lock().await.subscriptions.acknowledged(pkid);
+    fn on_suback(&mut self, pkid: u16, codes: &[SubscribeReasonCode]) {
+        let topics = lock(&self.shared).subscriptions.acknowledged(pkid);
         for (index, code) in codes.iter().enumerate() {
             // Display (%), not Debug: a topic in quotes is harder to grep.
             let topic = topics.get(index).map_or("?", String::as_str);
@@ -363,6 +366,29 @@ impl Driver {
     }
 }
 
+/// Acknowledgements and the packet ids rumqttc gives our requests: what
+/// [`bookkeep`] handles.
+fn is_bookkeeping(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::Incoming(Incoming::PubAck(_) | Incoming::PubComp(_))
+            | Event::Outgoing(
+                Outgoing::Publish(_) | Outgoing::AwaitAck(_) | Outgoing::Subscribe(_)
+            )
+    )
+}
+
+fn bookkeep(shared: &mut Shared, event: Event) {
+    match event {
+        Event::Incoming(Incoming::PubAck(ack)) => shared.outbox.acknowledged(ack.pkid),
+        Event::Incoming(Incoming::PubComp(comp)) => shared.outbox.acknowledged(comp.pkid),
+        Event::Outgoing(Outgoing::Publish(pkid)) => shared.outbox.sent(pkid),
+        Event::Outgoing(Outgoing::AwaitAck(pkid)) => shared.outbox.held_back(pkid),
+        Event::Outgoing(Outgoing::Subscribe(pkid)) => shared.subscriptions.sent(pkid),
+        _ => {}
+    }
+}
+
 /// Looks closer at a TLS connection closed before CONNACK (see [`probe`]).
 /// Takes fields, not the driver: the driver is not `Sync`.
 async fn diagnose(
@@ -412,5 +438,32 @@ async fn next_command(commands: &mut Option<mpsc::UnboundedReceiver<Command>>) -
     match commands {
         Some(commands) => commands.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Service;
+
+    /// Every broker of the list, every mode: rumqttc connects through our
+    /// socket (TCP_NODELAY, TCP_QUICKACK re-armed after reads), not its own.
+    #[test]
+    fn every_connection_opens_our_socket() {
+        let vars: Vec<(String, String)> = [
+            ("PROPLET_CLIENT_ID", "proplet-1"),
+            ("PROPLET_CLIENT_KEY", "s3cret-key"),
+            ("PROPLET_DOMAIN_ID", "dom"),
+            ("PROPLET_CHANNEL_ID", "chan"),
+            ("PROPLET_MQTT_ADDRESS", "tcp://a:1883,tcp://b:1883"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let config = Config::from_vars(Service::Proplet, vars).unwrap();
+        for broker in &config.brokers {
+            let options = mqtt_options(&config, broker, None);
+            assert!(options.socket_connector().is_some(), "{broker}");
+        }
     }
 }

@@ -8,14 +8,18 @@ mod driver;
 mod failure;
 mod outbox;
 pub(crate) mod probe;
+mod socket;
 mod subscriptions;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::{AsyncClient, QoS};
-use tokio::sync::{mpsc, oneshot, watch, Mutex};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -82,7 +86,10 @@ impl Delivery {
 ///
 /// Requests enter rumqttc's queue only while connected and only under this
 /// lock, and the queue has room for every outbox entry plus
-/// [`CONTROL_REQUESTS`], so sending under the lock never waits.
+/// [`CONTROL_REQUESTS`], so sending under the lock never waits. The lock is
+/// a plain (not async) mutex: it is never held across an `.await`, and it is
+/// taken for a few map operations at a time, so a publisher and the driver
+/// never park each other on it.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub connected: bool,
@@ -92,15 +99,35 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Puts outbox entry `id` on rumqttc's request queue.
-    pub async fn send(&mut self, mqtt: &AsyncClient, id: u64) -> Result<(), Error> {
+    pub fn send(&mut self, mqtt: &AsyncClient, id: u64) -> Result<(), Error> {
         let Some(entry) = self.outbox.get(id) else {
             return Ok(());
         };
-        mqtt.publish_bytes(entry.topic.clone(), entry.qos, false, entry.payload.clone())
-            .await
-            .map_err(|_| Error::Closed)?;
+        let queued =
+            mqtt.publish_bytes(entry.topic.clone(), entry.qos, false, entry.payload.clone());
+        match ready_now(queued) {
+            Some(Ok(())) => {}
+            // Closed, or (against the sizing above) full.
+            Some(Err(_)) | None => return Err(Error::Closed),
+        }
         self.outbox.queued(id);
         Ok(())
+    }
+}
+
+/// The shared state, even if a thread panicked while holding it: every
+/// critical section leaves it consistent between statements.
+pub(crate) fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Polls `future` once: its output if it is ready at once. rumqttc's queue
+/// takes a request without waiting when it has room, which [`Shared`]
+/// guarantees; this lets the request enter under the plain lock.
+fn ready_now<F: Future>(future: F) -> Option<F::Output> {
+    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(output) => Some(output),
+        Poll::Pending => None,
     }
 }
 
@@ -185,14 +212,8 @@ impl Client {
             warn!(variable = %variable, "this variable is not one the service reads: a typo? (ignored)");
         }
         let options = driver::mqtt_options(config, &config.brokers[0], tls.as_ref());
-        let (mqtt, mut eventloop) =
-            AsyncClient::new(options, config.outbox_limit + CONTROL_REQUESTS);
-        let mut network = rumqttc::NetworkOptions::new();
-        // MQTT's packets are small and latency-bound (CONNECT, acks, pings):
-        // no Nagle, as mosquitto's own clients do. (It does not remove the
-        // ~40 ms first-handshake stall against mosquitto; see BENCHMARKS.md.)
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
+        let (mqtt, eventloop) = AsyncClient::new(options, config.outbox_limit + CONTROL_REQUESTS);
+        // The socket (TCP_NODELAY, TCP_QUICKACK) is ours: see `socket`.
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -268,7 +289,7 @@ impl Client {
                 limit: self.inner.max_packet,
             });
         }
-        let mut shared = self.inner.shared.lock().await;
+        let mut shared = lock(&self.inner.shared);
         let (id, delivered) = shared
             .outbox
             .add(topic, payload, self.inner.qos)
@@ -277,7 +298,7 @@ impl Client {
                 limit: self.inner.outbox_limit,
             })?;
         if shared.connected {
-            shared.send(&self.inner.mqtt, id).await?;
+            shared.send(&self.inner.mqtt, id)?;
         }
         Ok(Delivery(delivered))
     }
@@ -289,7 +310,7 @@ impl Client {
     /// [`Error::Closed`] once the client has shut down.
     pub async fn subscribe(&self, topic: impl Into<String>) -> Result<(), Error> {
         let topic = topic.into();
-        let mut shared = self.inner.shared.lock().await;
+        let mut shared = lock(&self.inner.shared);
         if shared.subscriptions.all.contains(&topic) {
             return Ok(());
         }
@@ -311,7 +332,7 @@ impl Client {
 
     /// How many messages wait for the broker's acknowledgement.
     pub async fn unacknowledged(&self) -> usize {
-        self.inner.shared.lock().await.outbox.len()
+        lock(&self.inner.shared).outbox.len()
     }
 
     /// Waits up to the connect timeout for unacknowledged messages, then sends
