@@ -11,7 +11,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use propeller_mqtt::protocol::Untrusted;
 use propeller_mqtt::protocol::{rfc3339, PropletMetadata, PropletMetrics};
-use serde::Serialize;
 use serde_json::{json, Value};
 use tracing::{debug, info};
 
@@ -26,8 +25,7 @@ pub const MAX_PROPLETS: usize = 10_000;
 pub const MAX_ID: usize = 256;
 
 /// Where a proplet stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Liveness {
     /// Announced, no heartbeat yet.
     Discovered,
