@@ -7,7 +7,7 @@
 set -eu
 out=${1:?usage: build.sh OUT}
 cd "$(dirname "$0")/.."
-cargo build --release --locked -p manager -p proplet -p proxy -p propeller-mqtt
+cargo build --release --locked -p manager -p proplet -p proxy -p propeller-mqtt-cli
 target=${CARGO_TARGET_DIR:-target}
 mkdir -p "$out"
 for binary in manager proplet proxy propeller-mqtt; do

@@ -25,10 +25,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use propeller_mqtt::certs::{self, KeyType, Output, Subject};
-use propeller_mqtt::config::Secret;
-use propeller_mqtt::tls::TlsSetup;
-use propeller_mqtt::{Client, Config, ConnectionState, Service};
+use propeller_mqtt::Secret;
+use propeller_mqtt::{Client, ConnectionState, Options};
+use propeller_mqtt_cli::certs::{self, KeyType, Output, Subject};
+use propeller_protocol::{Service, ServiceConfig};
 use propeller_tests::{
     accounts, Account, BrokerOptions, Env, Identity, Mosquitto, Pki, ServiceProcess, CONNECTED,
 };
@@ -352,11 +352,11 @@ fn ourselves(args: &[&str], env: &[(String, String)]) -> Command {
 }
 
 /// The proplet's config from this process's environment.
-fn config_from_env() -> Result<Config> {
+fn config_from_env() -> Result<Options> {
     let vars: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| k.starts_with("PROPLET_"))
         .collect();
-    Ok(Config::from_vars(Service::Proplet, vars)?)
+    Ok(ServiceConfig::from_vars(Service::Proplet, vars)?.mqtt)
 }
 
 /// Child: one connection in a fresh process, from `Client::start` (which
@@ -378,7 +378,7 @@ async fn child_connect(kind: &str) -> Result<()> {
             client.shutdown().await;
         }
         _ => {
-            let tls = TlsSetup::load(&config)?.map(|t| t.client_config);
+            let tls = config.load_tls()?.map(|t| t.client_config);
             let (client, mut events) =
                 AsyncClient::new(rumqttc_options(&config, tls, &config.client_id), 10);
             loop {
@@ -564,8 +564,8 @@ async fn in_process_connects(lab: &Lab) -> Result<()> {
     let mut rows: [Vec<Summary>; 4] = Default::default();
     for mode in MODES {
         let env = lab.env(mode, &lab.proplet);
-        let config = Config::from_vars(Service::Proplet, env.vars.clone())?;
-        let shared = TlsSetup::load(&config)?.map(|t| t.client_config);
+        let config = ServiceConfig::from_vars(Service::Proplet, env.vars.clone())?.mqtt;
+        let shared = config.load_tls()?.map(|t| t.client_config);
         // The first connection of the process, unmeasured.
         rumqttc_connect(&config, shared.clone()).await?;
         let mut samples: [Vec<f64>; 4] = Default::default();
@@ -578,7 +578,7 @@ async fn in_process_connects(lab: &Lab) -> Result<()> {
                 .await?;
             samples[0].push(ms(started.elapsed()));
             client.shutdown().await;
-            let fresh = TlsSetup::load(&config)?.map(|t| t.client_config);
+            let fresh = config.load_tls()?.map(|t| t.client_config);
             samples[1].push(ms(rumqttc_connect(&config, fresh).await?));
             samples[2].push(ms(rumqttc_connect(&config, shared.clone()).await?));
             let hand_built = hand_built_tls(lab, mode)?;
@@ -602,7 +602,7 @@ async fn in_process_connects(lab: &Lab) -> Result<()> {
 }
 
 fn rumqttc_options(
-    config: &Config,
+    config: &Options,
     tls: Option<Arc<rustls::ClientConfig>>,
     id: &str,
 ) -> MqttOptions {
@@ -618,7 +618,7 @@ fn rumqttc_options(
 }
 
 async fn rumqttc_connect(
-    config: &Config,
+    config: &Options,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Duration> {
     let started = Instant::now();
@@ -1259,9 +1259,14 @@ async fn fleet(lab: &Lab, n: usize) -> Result<()> {
     let mut clients = Vec::with_capacity(n);
     for (id, secret, cert, key) in &members {
         let vars = fleet_env(lab.pki, broker.mtls, id, secret, cert, key);
-        let config = Config::from_vars(Service::Proplet, vars)?;
-        clients
-            .push(Client::start(&config, vec![config.channel.topic("control/manager/start")])?.0);
+        let config = ServiceConfig::from_vars(Service::Proplet, vars)?;
+        clients.push(
+            Client::start(
+                &config.mqtt,
+                vec![config.channel.topic("control/manager/start")],
+            )?
+            .0,
+        );
     }
     let mut failed = 0;
     for client in &clients {

@@ -37,9 +37,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use propeller_mqtt::certs::{self, KeyType, Output, Subject};
-use propeller_mqtt::config::Secret;
-use propeller_mqtt::Service;
+use propeller_mqtt::Secret;
+use propeller_mqtt_cli::certs::{self, KeyType, Output, Subject};
+use propeller_protocol::Service;
 use propeller_tests::modules;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};

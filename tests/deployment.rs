@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use propeller_mqtt::config::VARIABLES;
-use propeller_mqtt::service::HEALTH_FILE;
-use propeller_mqtt::Service;
+use propeller_mqtt::env::VARIABLES;
+use propeller_protocol::Service;
+use propeller_service::HEALTH_FILE;
 use propeller_tests::{servers_available, Pki, INSTALL};
 use yaml_rust2::{Yaml, YamlLoader};
 
@@ -36,7 +36,7 @@ fn known(prefix: &str, name: &str) -> bool {
         .expect("a service prefix");
     name == HEALTH_FILE
         || name.strip_prefix(prefix).is_some_and(|suffix| {
-            VARIABLES.contains(&suffix) || service.settings().contains(&suffix)
+            VARIABLES.contains(&suffix) || service.own_variables().contains(&suffix)
         })
 }
 
@@ -162,8 +162,8 @@ fn env_file_has_three_modes_of_known_variables() {
         );
     }
     // What compose would hand the services parses in every service.
-    for service in propeller_mqtt::Service::ALL {
-        let config = propeller_mqtt::Config::from_vars(service, vars.clone())
+    for service in propeller_protocol::Service::ALL {
+        let config = propeller_protocol::ServiceConfig::from_vars(service, vars.clone())
             .expect("docker/.env is a valid config");
         assert!(config.unknown.is_empty(), "{:?}", config.unknown);
     }

@@ -5,8 +5,8 @@
 use std::net::TcpListener;
 use std::time::Duration;
 
-use propeller_mqtt::tls::TlsSetup;
-use propeller_mqtt::{Client, Config, ConnectionState, Failure, Service, Warning};
+use propeller_mqtt::{Client, ConnectionState, Failure, Names, Options, Warning};
+use propeller_protocol::{Service, ServiceConfig};
 use propeller_tests::{servers_available, Edge, Env, Identity, Mosquitto, Pki};
 use tokio::time::timeout;
 
@@ -46,8 +46,10 @@ impl Lab {
     }
 }
 
-fn config(env: &Env) -> Config {
-    Config::from_vars(Service::Proplet, env.vars.clone()).expect("valid config")
+fn config(env: &Env) -> Options {
+    ServiceConfig::from_vars(Service::Proplet, env.vars.clone())
+        .expect("valid config")
+        .mqtt
 }
 
 /// Starts a client and returns the first outcome: `Ok(())` on CONNACK, or the failure.
@@ -90,7 +92,7 @@ async fn broker_signed_by_another_ca_is_untrusted() {
         "the broker's certificate is not trusted (unknown issuer)"
     );
     assert!(failure
-        .fix(Service::Proplet)
+        .fix(&Names::prefixed("PROPLET_"))
         .contains("PROPLET_MQTT_TLS_CA_CERT"));
 }
 
@@ -119,7 +121,7 @@ async fn name_mismatch_lists_the_certificate_names_and_the_override_works() {
         "{presented:?}: {text}"
     );
     assert!(failure
-        .fix(Service::Proplet)
+        .fix(&Names::prefixed("PROPLET_"))
         .contains("PROPLET_MQTT_TLS_SERVER_NAME"));
 
     env.set("MQTT_TLS_SERVER_NAME", "nginx");
@@ -151,7 +153,7 @@ async fn missing_client_certificate_is_named() {
         let failure = fails(&env).await;
         assert_eq!(failure, Failure::ClientCertificateRequired, "port {port}");
         assert!(failure
-            .fix(Service::Proplet)
+            .fix(&Names::prefixed("PROPLET_"))
             .contains("PROPLET_MQTT_TLS_CLIENT_CERT"));
     }
 }
@@ -183,7 +185,7 @@ async fn expired_client_certificate_warns_then_is_refused() {
     let edge = lab.edge("server");
     let (mut env, identity) = lab.env("expired");
     env.mtls(edge.port, lab.pki, &identity);
-    let setup = TlsSetup::load(&config(&env)).unwrap().unwrap();
+    let setup = config(&env).load_tls().unwrap().unwrap();
     assert!(
         setup
             .warnings
@@ -206,7 +208,7 @@ async fn cn_mismatch_at_the_edge_closes_before_connack() {
     // whose CN is not the end of the password.
     let (mut env, _) = lab.env("proplet");
     env.mtls(edge.port, lab.pki, &lab.pki.identity("manager"));
-    let setup = TlsSetup::load(&config(&env)).unwrap().unwrap();
+    let setup = config(&env).load_tls().unwrap().unwrap();
     assert!(
         setup
             .warnings
@@ -218,7 +220,7 @@ async fn cn_mismatch_at_the_edge_closes_before_connack() {
     let failure = fails(&env).await;
     assert_eq!(failure, Failure::ClosedBeforeConnAck);
     assert!(failure
-        .fix(Service::Proplet)
+        .fix(&Names::prefixed("PROPLET_"))
         .contains("PROPLET_CLIENT_KEY does not end with the client certificate's CN"));
     assert!(
         edge.log().contains("mqtt_auth: denied"),
@@ -238,7 +240,7 @@ async fn wrong_password_is_not_authorized() {
     let failure = fails(&env).await;
     assert_eq!(failure, Failure::NotAuthorized);
     assert!(failure
-        .fix(Service::Proplet)
+        .fix(&Names::prefixed("PROPLET_"))
         .contains("PROPLET_CLIENT_ID and PROPLET_CLIENT_KEY"));
 }
 
@@ -313,7 +315,7 @@ async fn ca_directory_and_warnings() {
     // The PKI directory holds keys, CSRs and certificates: only the certificates count.
     env.mtls(lab.broker.mtls, lab.pki, &identity)
         .path("MQTT_TLS_CA_CERT", &lab.pki.dir);
-    let setup = TlsSetup::load(&config(&env)).unwrap().unwrap();
+    let setup = config(&env).load_tls().unwrap().unwrap();
     let soon = setup
         .warnings
         .iter()
@@ -342,7 +344,7 @@ async fn key_readable_by_others_and_unused_password_warn() {
     env.mtls(8883, pki, &identity)
         .path("MQTT_TLS_CLIENT_KEY", &key)
         .set("MQTT_TLS_CLIENT_KEY_PASSWORD", "unused");
-    let warnings = TlsSetup::load(&config(&env)).unwrap().unwrap().warnings;
+    let warnings = config(&env).load_tls().unwrap().unwrap().warnings;
     assert!(
         warnings
             .iter()
@@ -363,7 +365,7 @@ async fn key_readable_by_others_and_unused_password_warn() {
 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     env.set("MQTT_TLS_CLIENT_KEY_PASSWORD", "");
-    let warnings = TlsSetup::load(&config(&env)).unwrap().unwrap().warnings;
+    let warnings = config(&env).load_tls().unwrap().unwrap().warnings;
     assert!(
         warnings.is_empty(),
         "a healthy identity warns: {warnings:?}"

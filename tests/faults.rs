@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use propeller_mqtt::{Client, Config, ConnectionState, Error, Service};
+use propeller_mqtt::{Client, ClientError, ConnectionState};
+use propeller_protocol::{Service, ServiceConfig};
 use propeller_tests::{
     accounts, client_id, publish_once, servers_available, BrokerOptions, Env, Mosquitto, Pki,
     Relay, ServiceProcess, CHANNEL_TOPICS, CONNECTED, START,
@@ -115,8 +116,8 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
         false => env.plain(broker.plain),
     };
     env.set("MQTT_QOS", "1");
-    let config = Config::from_vars(Service::Proplet, env.vars.clone()).unwrap();
-    let (client, _) = Client::start(&config, vec![]).unwrap();
+    let config = ServiceConfig::from_vars(Service::Proplet, env.vars.clone()).unwrap();
+    let (client, _) = Client::start(&config.mqtt, vec![]).unwrap();
 
     // Every connection of the publisher, counted as it happens.
     let connections = Arc::new(AtomicUsize::new(0));
@@ -179,7 +180,7 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
             match client.publish(TOPIC, number.to_string()).await {
                 Ok(delivery) => break delivery,
                 // Backpressure: the outbox is full while the broker is down.
-                Err(Error::OutboxFull { .. }) => {
+                Err(ClientError::OutboxFull { .. }) => {
                     full_waits += 1;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
@@ -401,8 +402,8 @@ async fn a_half_open_link_is_detected_within_twice_the_keep_alive() {
     let keep_alive = Duration::from_secs(2);
     let mut env = Env::new("PROPLET", &proplet);
     env.plain(relay.port).set("MQTT_KEEP_ALIVE", "2s");
-    let config = Config::from_vars(Service::Proplet, env.vars.clone()).unwrap();
-    let (client, _) = Client::start(&config, vec![]).unwrap();
+    let config = ServiceConfig::from_vars(Service::Proplet, env.vars.clone()).unwrap();
+    let (client, _) = Client::start(&config.mqtt, vec![]).unwrap();
     let mut state = client.state();
     timeout(
         Duration::from_secs(10),

@@ -7,12 +7,11 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
-use propeller_mqtt::config::Channel;
-use propeller_mqtt::protocol::Untrusted;
-use propeller_mqtt::protocol::{
-    self, de, payload, topic, PropletAlive, PropletCreate, PropletMetrics, StopTask, TaskResult,
-};
 use propeller_mqtt::{Client, ConnectionState, Message};
+use propeller_protocol::{self as protocol, Channel, Untrusted};
+use propeller_protocol::{
+    de, payload, topic, PropletAlive, PropletCreate, PropletMetrics, StopTask, TaskResult,
+};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tracing::{info, warn};

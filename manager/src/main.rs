@@ -15,9 +15,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use propeller_mqtt::config::value;
-use propeller_mqtt::service::{self, Context};
-use propeller_mqtt::{Config, Error, Service};
+use propeller_mqtt::env::value;
+use propeller_mqtt::ConfigError;
+use propeller_protocol::{Service, ServiceConfig};
+use propeller_service::{self as service, Context, ServiceError};
 use tracing::info;
 
 use domain::{Manager, State};
@@ -36,7 +37,7 @@ impl Settings {
     /// Reads `MANAGER_LIVELINESS_INTERVAL`, binds the API's address, so
     /// that a port in use is reported before connecting, and opens the
     /// store, so that a bad store file is too.
-    fn prepare(config: &mut Config) -> Result<Self, Error> {
+    fn prepare(config: &mut ServiceConfig) -> Result<Self, ServiceError> {
         let settings = &config.settings;
         let liveliness = settings.parse(
             "LIVELINESS_INTERVAL",
@@ -59,14 +60,16 @@ impl Settings {
         );
         let listener = address
             .parse::<SocketAddr>()
-            .map_err(|_| Error::Invalid {
-                var: settings.var("HTTP_HOST"),
-                value: host.to_owned(),
-                problem: "write an IP address of this host, such as 0.0.0.0 or 127.0.0.1"
-                    .to_owned(),
+            .map_err(|_| {
+                ServiceError::from(ConfigError::Invalid {
+                    var: settings.var("HTTP_HOST"),
+                    value: host.to_owned(),
+                    problem: "write an IP address of this host, such as 0.0.0.0 or 127.0.0.1"
+                        .to_owned(),
+                })
             })
             .and_then(|socket| {
-                std::net::TcpListener::bind(socket).map_err(|source| Error::Listen {
+                std::net::TcpListener::bind(socket).map_err(|source| ServiceError::Listen {
                     var: vars.clone(),
                     address: address.clone(),
                     source,
@@ -74,12 +77,12 @@ impl Settings {
             })?;
         listener
             .set_nonblocking(true)
-            .map_err(|source| Error::Listen {
+            .map_err(|source| ServiceError::Listen {
                 var: vars,
                 address,
                 source,
             })?;
-        let (store, snapshot) = Store::open(settings, &config.client_id)?;
+        let (store, snapshot) = Store::open(settings, &config.mqtt.client_id)?;
         Ok(Self {
             liveliness,
             listener,
@@ -93,8 +96,9 @@ fn main() -> ExitCode {
     service::run(Service::Manager, Settings::prepare, serve)
 }
 
-async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
-    let listener = tokio::net::TcpListener::from_std(settings.listener).map_err(Error::Runtime)?;
+async fn serve(settings: Settings, mut context: Context) -> Result<(), ServiceError> {
+    let listener =
+        tokio::net::TcpListener::from_std(settings.listener).map_err(ServiceError::Runtime)?;
     if let Ok(address) = listener.local_addr() {
         info!(%address, "HTTP API listening");
     }
@@ -111,7 +115,7 @@ async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
     }
     let state = State::new(
         Registry::new(settings.liveliness),
-        context.config.max_packet_size,
+        context.config.mqtt.max_packet_size,
         settings.snapshot,
     );
     let store = Handle::new(

@@ -9,8 +9,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant, SystemTime};
 
-use propeller_mqtt::protocol::Untrusted;
-use propeller_mqtt::protocol::{rfc3339, PropletMetadata, PropletMetrics};
+use propeller_protocol::Untrusted;
+use propeller_protocol::{rfc3339, PropletMetadata, PropletMetrics};
 use serde_json::{json, Value};
 use tracing::{debug, info};
 

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use propeller_mqtt::protocol::{rfc3339, StartTask, TaskResult, ZERO_TIME};
+use propeller_protocol::{rfc3339, StartTask, TaskResult, ZERO_TIME};
 use serde::{Serialize, Serializer};
 use serde_json::{Map, Value};
 

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use crate::Error;
+use crate::ConfigError;
 
 /// Variables as name/value pairs, in the order found.
 pub type Vars = Vec<(String, String)>;
@@ -18,13 +18,13 @@ pub type Vars = Vec<(String, String)>;
 /// # Errors
 ///
 /// The file cannot be read, or a line is not `NAME=value`.
-pub fn read(path: &Path) -> Result<Vars, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+pub fn read(path: &Path) -> Result<Vars, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         var: "--env-file".into(),
         path: path.to_owned(),
         source,
     })?;
-    parse(&text).map_err(|(line, problem)| Error::Material {
+    parse(&text).map_err(|(line, problem)| ConfigError::Material {
         var: "--env-file".into(),
         path: path.to_owned(),
         problem: format!("line {line}: {problem}"),
@@ -96,7 +96,9 @@ pub fn process() -> Vars {
 /// # Errors
 ///
 /// The named file (or `./.env`) cannot be read or parsed.
-pub fn service_vars(env_file: Option<&Path>) -> Result<(Vars, Option<std::path::PathBuf>), Error> {
+pub fn service_vars(
+    env_file: Option<&Path>,
+) -> Result<(Vars, Option<std::path::PathBuf>), ConfigError> {
     let file = match env_file {
         Some(path) => Some(path.to_owned()),
         None => Some(std::path::PathBuf::from(".env")).filter(|path| path.is_file()),

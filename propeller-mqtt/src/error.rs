@@ -1,5 +1,6 @@
-//! The one error type of this crate: everything that stops a service before it
-//! touches the network. Connection failures after that are not errors but
+//! The crate's errors, by layer: [`ConfigError`] for settings and TLS files,
+//! found before any network I/O, and [`ClientError`] for what a running
+//! client refuses. Connection failures are neither: they are
 //! [`Failure`](crate::Failure)s, retried with backoff.
 
 use std::path::PathBuf;
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 /// Values of secret variables (client key, key password) are never included.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
+pub enum ConfigError {
     /// A required variable is unset or empty.
     #[error("{var} is not set: {fix}")]
     Missing {
@@ -103,6 +104,39 @@ pub enum Error {
         ca_var: String,
     },
 
+    /// rustls refused the assembled configuration.
+    #[error("{var}: cannot build the TLS configuration")]
+    Tls {
+        /// The variables of the TLS settings, e.g. `SENSOR_MQTT_TLS_*`.
+        var: String,
+        /// What rustls said.
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+impl ConfigError {
+    /// The variable (or variables) at fault, e.g. `SENSOR_MQTT_TLS_CA_CERT`.
+    pub fn var(&self) -> &str {
+        match self {
+            ConfigError::Missing { var, .. }
+            | ConfigError::Invalid { var, .. }
+            | ConfigError::InvalidSecret { var, .. }
+            | ConfigError::Read { var, .. }
+            | ConfigError::Material { var, .. }
+            | ConfigError::NoTrustAnchors { ca_var: var }
+            | ConfigError::Tls { var, .. } => var,
+            ConfigError::HalfClientIdentity { set, .. } => set,
+            ConfigError::KeyMismatch { key_var, .. } => key_var,
+            ConfigError::TlsWithPlainAddress { address_var, .. } => address_var,
+        }
+    }
+}
+
+/// What a running [`Client`](crate::Client) refuses.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
     /// The client was shut down; nothing more can be sent.
     #[error("the MQTT client has shut down")]
     Closed,
@@ -128,56 +162,6 @@ pub enum Error {
         /// Its value.
         limit: usize,
     },
-
-    /// A log filter that tracing cannot parse.
-    #[error("{var}={value:?} is not a valid log filter: write a level (error, warn, info, debug, trace) or directives such as info,propeller_mqtt=debug")]
-    LogFilter {
-        /// The log level variable.
-        var: String,
-        /// The value as given.
-        value: String,
-    },
-
-    /// `certs` would replace an existing file.
-    #[error("{path} exists: pass --force to replace it", path = path.display())]
-    WouldOverwrite {
-        /// The existing file.
-        path: std::path::PathBuf,
-    },
-
-    /// `certs` cannot write a file.
-    #[error("cannot write {path}", path = path.display())]
-    Write {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What the operating system said.
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// `certs` cannot make the certificate asked for.
-    #[error("{0}")]
-    Certificate(String),
-
-    /// A service cannot listen where its variables say (the manager's API).
-    #[error("{var}: cannot listen on {address}: choose a free port, or an address of this host")]
-    Listen {
-        /// The variables that name the address.
-        var: String,
-        /// The address.
-        address: String,
-        /// What the operating system said.
-        #[source]
-        source: std::io::Error,
-    },
-
-    /// The operating system refused what the async runtime needs.
-    #[error("cannot start the async runtime")]
-    Runtime(#[source] std::io::Error),
-
-    /// rustls refused the assembled configuration.
-    #[error("cannot build the TLS configuration")]
-    Tls(#[source] rustls::Error),
 }
 
 /// Renders an error and all its causes on one line, `outer: inner: innermost`,

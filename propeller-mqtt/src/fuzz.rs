@@ -8,7 +8,7 @@ use std::io::Write;
 
 use proptest::prelude::*;
 
-use crate::config::{value, BrokerAddress, Config, Service};
+use crate::env::{value, BrokerAddress, EnvConfig};
 use crate::tls::TlsSetup;
 
 fn cases(default: u32) -> ProptestConfig {
@@ -104,11 +104,11 @@ proptest! {
     fn config_parsing_never_panics(values in proptest::collection::vec(env_text(), 12)) {
         let names = [
             "MQTT_ADDRESS", "MQTT_TLS_SERVER_NAME", "MQTT_TLS_INSECURE_SKIP_VERIFY", "CLIENT_ID",
-            "CLIENT_KEY", "DOMAIN_ID", "CHANNEL_ID", "MQTT_QOS", "MQTT_TIMEOUT", "MQTT_KEEP_ALIVE",
+            "CLIENT_KEY", "ENTITY_ID", "API_KEY", "MQTT_QOS", "MQTT_TIMEOUT", "MQTT_KEEP_ALIVE",
             "MQTT_MAX_PACKET_SIZE", "MQTT_OUTBOX_LIMIT",
         ];
         let vars = names.iter().zip(values).map(|(name, value)| (format!("PROXY_{name}"), value));
-        let _ = Config::from_vars(Service::Proxy, vars);
+        let _ = EnvConfig::from_vars("PROXY_", &[], vars);
     }
 }
 
@@ -116,14 +116,12 @@ proptest! {
 fn load_tls(
     files: &[(&str, &str, &[u8])],
     extra: &[(&str, &str)],
-) -> Result<Option<TlsSetup>, crate::Error> {
+) -> Result<Option<TlsSetup>, crate::ConfigError> {
     let dir = tempfile::tempdir().unwrap();
     let mut vars: Vec<(String, String)> = [
         ("MQTT_ADDRESS", "ssl://127.0.0.1:8883"),
         ("CLIENT_ID", "c"),
         ("CLIENT_KEY", "k"),
-        ("DOMAIN_ID", "d"),
-        ("CHANNEL_ID", "c"),
     ]
     .iter()
     .chain(extra)
@@ -137,8 +135,8 @@ fn load_tls(
             .unwrap();
         vars.push((format!("PROPLET_{var}"), path.display().to_string()));
     }
-    let config = Config::from_vars(Service::Proplet, vars).unwrap();
-    TlsSetup::load(&config)
+    let options = EnvConfig::from_vars("PROPLET_", &[], vars).unwrap().options;
+    options.load_tls()
 }
 
 proptest! {
@@ -170,77 +168,4 @@ fn base64_matches_the_standard() {
     assert_eq!(base64(b"Man"), "TWFu");
     assert_eq!(base64(b"Ma"), "TWE=");
     assert_eq!(base64(b"M"), "TQ==");
-}
-
-/// JSON that looks like Propeller's payloads: the right keys with values of
-/// any type, nulls, nesting, and plain garbage.
-fn payload_json() -> impl Strategy<Value = Vec<u8>> {
-    let leaf = prop_oneof![
-        Just("null".to_owned()),
-        any::<i64>().prop_map(|n| n.to_string()),
-        any::<f64>().prop_map(|f| format!("{f:?}")),
-        "\"[ -~]{0,12}\"",
-        Just("true".to_owned()),
-        Just("[]".to_owned()),
-    ];
-    let value = leaf.prop_recursive(3, 16, 4, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..4)
-                .prop_map(|v| format!("[{}]", v.join(","))),
-            proptest::collection::vec(
-                (
-                    prop_oneof![
-                        Just("id"),
-                        Just("name"),
-                        Just("inputs"),
-                        Just("cli_args"),
-                        Just("env"),
-                        Just("file"),
-                        Just("image_url"),
-                        Just("proplet_id"),
-                        Just("results"),
-                        Just("error"),
-                        Just("metadata"),
-                        Just("total_chunks"),
-                        Just("chunk_idx"),
-                        Just("data"),
-                        Just("app_name"),
-                        Just("timestamp"),
-                        Just("cpu_metrics"),
-                    ],
-                    inner
-                ),
-                0..6
-            )
-            .prop_map(|fields| {
-                let fields: Vec<String> =
-                    fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
-                format!("{{{}}}", fields.join(","))
-            }),
-        ]
-    });
-    prop_oneof![
-        value.prop_map(String::into_bytes),
-        proptest::collection::vec(any::<u8>(), 0..64),
-    ]
-}
-
-proptest! {
-    #![proptest_config(cases(512))]
-
-    /// Every inbound payload parser returns a value or an error, whatever
-    /// arrives on the channel.
-    #[test]
-    fn payload_parsers_never_panic(bytes in payload_json()) {
-        use crate::protocol::*;
-        let _ = serde_json::from_slice::<StartTask>(&bytes);
-        let _ = serde_json::from_slice::<StopTask>(&bytes);
-        let _ = serde_json::from_slice::<TaskResult>(&bytes);
-        let _ = serde_json::from_slice::<PropletCreate>(&bytes);
-        let _ = serde_json::from_slice::<PropletAlive>(&bytes);
-        let _ = serde_json::from_slice::<PropletMetrics>(&bytes);
-        let _ = serde_json::from_slice::<ModuleRequest>(&bytes);
-        let _ = serde_json::from_slice::<ModuleChunk>(&bytes);
-        let _ = serde_json::from_slice::<ModuleError>(&bytes);
-    }
 }

@@ -1,26 +1,34 @@
-//! The MQTT connection layer of Propeller's manager, proplet and proxy.
+//! An MQTT 3.1.1 client connection that stays up: plain MQTT, MQTTS and
+//! mutual TLS, configured in code or from `<PREFIX>_MQTT_*` variables, with
+//! reconnects, failover between brokers, an outbox that re-sends what the
+//! broker has not acknowledged, TLS files re-read on request, and a cause and
+//! a fix for every failure to connect.
 //!
-//! A service reads `<P>_MQTT_ADDRESS` and `<P>_MQTT_TLS_*` (P = `MANAGER`,
-//! `PROPLET` or `PROXY`) and connects to Magistrala's broker, or the nginx edge
-//! in front of it, in one of three modes:
-//!
-//! | mode | address | TLS variables |
+//! | mode | address | TLS settings |
 //! |---|---|---|
 //! | plain | `tcp://host:1883` | none |
-//! | TLS (MQTTS) | `ssl://host:8883` | `CA_CERT` (or the OS trust store) |
-//! | mutual TLS | `ssl://host:8883` | `CA_CERT`, `CLIENT_CERT`, `CLIENT_KEY` |
+//! | TLS (MQTTS) | `ssl://host:8883` | a CA (or the OS trust store) |
+//! | mutual TLS | `ssl://host:8883` | a CA, a client certificate and its key |
 //!
 //! Everything that can be checked before connecting is checked before
-//! connecting ([`Error`]); connection failures are retried with backoff and
-//! explained ([`Failure`]).
+//! connecting ([`ConfigError`]); connection failures are retried with backoff
+//! and explained ([`Failure`]); a running client refuses what it cannot
+//! deliver ([`ClientError`]).
+//!
+//! The crate owns no process state: no logging subscriber, no runtime, no
+//! signal handler. [`Client::start`] spawns its task on the caller's tokio
+//! runtime, and [`Client::run_until`] stops it when the caller says so.
 //!
 //! ```no_run
-//! use propeller_mqtt::{Client, Config, Service};
+//! use propeller_mqtt::env::EnvConfig;
+//! use propeller_mqtt::Client;
 //!
-//! # async fn demo() -> Result<(), propeller_mqtt::Error> {
-//! let config = Config::from_env(Service::Proplet)?;
-//! let topic = config.channel.topic("control/manager/start");
-//! let (client, mut messages) = Client::start(&config, vec![topic])?;
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! // SENSOR_MQTT_ADDRESS, SENSOR_CLIENT_ID, SENSOR_CLIENT_KEY, SENSOR_MQTT_TLS_*,
+//! // and SENSOR_TOPIC, which is ours.
+//! let config = EnvConfig::from_env("SENSOR_", &["TOPIC"])?;
+//! let topic = config.settings.required("TOPIC", "name the topic to read")?;
+//! let (client, mut messages) = Client::start(&config.options, vec![topic.to_owned()])?;
 //! while let Some(message) = messages.recv().await {
 //!     println!("{} bytes on {}", message.payload.len(), message.topic);
 //! }
@@ -30,24 +38,21 @@
 //! ```
 #![deny(missing_docs)]
 
-#[cfg(feature = "cli")]
-pub mod certs;
-#[cfg(feature = "cli")]
-pub mod check;
-pub mod config;
-pub mod config_toml;
 mod connection;
+pub mod env;
 pub mod env_file;
 mod error;
 #[cfg(test)]
 mod fuzz;
-pub mod protocol;
-pub mod service;
+mod options;
 pub mod tls;
 mod warning;
 
-pub use config::{Config, LastWill, Mode, Service, Settings};
-pub use connection::{Client, ConnectionState, Failure, Message};
-pub use error::{one_line, Error};
+pub use connection::{diagnose, Client, ConnectionState, Delivery, Failure, Message};
+pub use error::{one_line, ClientError, ConfigError};
+pub use options::{
+    IdentityFiles, LastWill, Mode, Names, Options, Secret, TlsSettings, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_KEEP_ALIVE, DEFAULT_MAX_PACKET_SIZE, DEFAULT_OUTBOX_LIMIT, DEFAULT_QOS,
+};
 pub use rumqttc::QoS;
 pub use warning::Warning;

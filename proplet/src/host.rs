@@ -4,9 +4,7 @@
 
 use std::time::{Instant, SystemTime};
 
-use propeller_mqtt::protocol::{
-    rfc3339, CpuMetrics, MemoryMetrics, PropletMetadata, PropletMetrics,
-};
+use propeller_protocol::{rfc3339, CpuMetrics, MemoryMetrics, PropletMetadata, PropletMetrics};
 
 /// Linux's clock ticks per second for `/proc/<pid>/stat` (USER_HZ), 100 on
 /// every architecture Linux runs on today.

@@ -15,15 +15,15 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::Bytes;
-use propeller_mqtt::config::value;
-use propeller_mqtt::config::Channel;
-use propeller_mqtt::protocol::Untrusted;
-use propeller_mqtt::protocol::{
-    self, addressed_to, payload, topic, PropletAlive, PropletCreate, StartTask, StopTask,
-    TaskResult, DEFAULT_NAMESPACE,
+use propeller_mqtt::env::value;
+use propeller_mqtt::{Client, ConnectionState, LastWill, Message};
+use propeller_protocol::{self as protocol, Channel, Untrusted};
+use propeller_protocol::{
+    addressed_to, payload, topic, PropletAlive, PropletCreate, StartTask, StopTask, TaskResult,
+    DEFAULT_NAMESPACE,
 };
-use propeller_mqtt::service::{self, Context};
-use propeller_mqtt::{Client, Config, ConnectionState, Error, LastWill, Message, Service};
+use propeller_protocol::{Service, ServiceConfig};
+use propeller_service::{self as service, Context, ServiceError};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -64,7 +64,7 @@ impl Settings {
     /// Reads `PROPLET_LIVELINESS_INTERVAL`, `PROPLET_TASK_TIMEOUT`,
     /// `PROPLET_MAX_TASKS` and `PROPLET_DIRS`, and sets the last will that
     /// tells the manager we died.
-    fn prepare(config: &mut Config) -> Result<Self, Error> {
+    fn prepare(config: &mut ServiceConfig) -> Result<Self, ServiceError> {
         let settings = &config.settings;
         let liveliness = settings.parse(
             "LIVELINESS_INTERVAL",
@@ -93,10 +93,10 @@ impl Settings {
                 })
                 .collect()
         })?;
-        config.last_will = Some(LastWill {
+        config.mqtt.last_will = Some(LastWill {
             topic: config.channel.topic(topic::PROPLET_ALIVE),
             payload: payload(&PropletAlive {
-                proplet_id: config.client_id.clone(),
+                proplet_id: config.mqtt.client_id.clone(),
                 status: protocol::OFFLINE.to_owned(),
                 namespace: DEFAULT_NAMESPACE.to_owned(),
             }),
@@ -119,10 +119,10 @@ fn main() -> ExitCode {
     service::run(Service::Proplet, Settings::prepare, serve)
 }
 
-async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
+async fn serve(settings: Settings, mut context: Context) -> Result<(), ServiceError> {
     let config = &context.config;
     let proplet = Proplet {
-        id: config.client_id.clone(),
+        id: config.mqtt.client_id.clone(),
         client: context.client.clone(),
         modules: Modules::new(
             context.client.clone(),

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
-use propeller_mqtt::protocol::Untrusted;
-use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
-use propeller_mqtt::{Client, Error};
+use propeller_mqtt::{Client, ClientError};
+use propeller_protocol::Untrusted;
+use propeller_protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -226,7 +226,7 @@ impl Modules {
         }
     }
 
-    async fn request(&self, app_name: &str) -> Result<(), Error> {
+    async fn request(&self, app_name: &str) -> Result<(), ClientError> {
         let payload = payload(&ModuleRequest {
             app_name: app_name.to_owned(),
         });
@@ -302,6 +302,7 @@ impl Modules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use propeller_mqtt::{Options, Secret};
     use proptest::prelude::*;
 
     fn chunks(module: &[u8], size: usize) -> Vec<ModuleChunk> {
@@ -398,18 +399,11 @@ mod tests {
     #[tokio::test]
     async fn a_timed_out_fetch_is_forgotten() {
         // A client whose broker is never there: publishes wait in its outbox.
-        let vars = [
-            ("PROPLET_MQTT_ADDRESS", "tcp://127.0.0.1:9"),
-            ("PROPLET_CLIENT_ID", "p"),
-            ("PROPLET_CLIENT_KEY", "k"),
-            ("PROPLET_DOMAIN_ID", "d"),
-            ("PROPLET_CHANNEL_ID", "c"),
+        let options = Options::new("tcp://127.0.0.1:9", "p", Secret::new("k"))
+            .unwrap()
             // Shutdown waits this long for the outbox.
-            ("PROPLET_MQTT_TIMEOUT", "100ms"),
-        ];
-        let config =
-            propeller_mqtt::Config::from_vars(propeller_mqtt::Service::Proplet, vars).unwrap();
-        let (client, _) = Client::start(&config, vec![]).unwrap();
+            .with_connect_timeout(Duration::from_millis(100));
+        let (client, _) = Client::start(&options, vec![]).unwrap();
         let mut modules = Modules::new(client.clone(), "registry/proplet".into());
         modules.wait = Duration::from_millis(50);
         let error = modules.fetch("late.wasm").await.unwrap_err();

@@ -12,11 +12,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use base64::Engine as _;
-use propeller_mqtt::config::value;
-use propeller_mqtt::protocol::Untrusted;
-use propeller_mqtt::protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
-use propeller_mqtt::service::{self, Context};
-use propeller_mqtt::{Client, Config, Error, Service};
+use propeller_mqtt::env::value;
+use propeller_mqtt::{Client, ConfigError};
+use propeller_protocol::Untrusted;
+use propeller_protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
+use propeller_protocol::{Service, ServiceConfig};
+use propeller_service::{self as service, Context, ServiceError};
 use tracing::{info, warn};
 
 use fetches::Fetches;
@@ -31,16 +32,13 @@ const CHUNK_OVERHEAD: usize = 1024 + MAX_APP_NAME;
 struct Settings {
     store: Store,
     chunk_size: usize,
-    /// Found while reading the settings, before logging is set up.
-    warnings: Vec<String>,
 }
 
 impl Settings {
     /// Reads `PROXY_MODULES_DIR`, `PROXY_MODULES_URL`, `PROXY_MODULES_CA_CERT`
     /// and `PROXY_CHUNK_SIZE`.
-    fn prepare(config: &mut Config) -> Result<Self, Error> {
+    fn prepare(config: &mut ServiceConfig) -> Result<Self, ServiceError> {
         let settings = &config.settings;
-        let mut warnings = Vec::new();
         let dir = settings.parse("MODULES_DIR", None, |text| {
             let dir = PathBuf::from(text);
             match dir.is_dir() {
@@ -59,22 +57,29 @@ impl Settings {
                     settings.var("MODULES_CA_CERT"),
                     ca.as_deref(),
                 )?;
-                warnings.extend(trust_warnings.iter().map(ToString::to_string));
+                for warning in trust_warnings {
+                    warn!("{warning}");
+                }
                 Some(HttpSource::new(url, Some(tls)))
             }
             Some(url) if ca.is_none() => Some(HttpSource::new(url, None)),
             Some(_) | None if ca.is_some() => {
-                return Err(Error::InvalidSecret {
+                return Err(ConfigError::Invalid {
                     var: settings.var("MODULES_CA_CERT"),
+                    value: settings
+                        .get("MODULES_CA_CERT")
+                        .unwrap_or_default()
+                        .to_owned(),
                     problem: format!(
                         "it is only used with an https:// {}: unset it, or use https",
                         settings.var("MODULES_URL")
                     ),
-                })
+                }
+                .into())
             }
             _ => None,
         };
-        let max_packet = config.max_packet_size;
+        let max_packet = config.mqtt.max_packet_size;
         let chunk_size = settings.parse("CHUNK_SIZE", DEFAULT_CHUNK_SIZE, |text| {
             let size = value::byte_size(text)?;
             let packet = size.div_ceil(3) * 4 + CHUNK_OVERHEAD;
@@ -82,7 +87,7 @@ impl Settings {
                 0 => Err("it must be at least 1 byte".to_owned()),
                 _ if packet > max_packet => Err(format!(
                     "a chunk of it is {packet} bytes once base64 in JSON, over the {max_packet}-byte packet limit ({}): lower it, or raise the limit",
-                    config.service.var("MQTT_MAX_PACKET_SIZE")
+                    config.mqtt.names.var("MQTT_MAX_PACKET_SIZE")
                 )),
                 _ => Ok(size),
             }
@@ -90,10 +95,7 @@ impl Settings {
         // The default directory may appear later (a volume mounted late).
         let dir = match (dir, &http) {
             (None, None) => {
-                warnings.push(
-                    "neither PROXY_MODULES_DIR nor PROXY_MODULES_URL is set: serving modules from ./modules"
-                        .to_owned(),
-                );
+                warn!("neither PROXY_MODULES_DIR nor PROXY_MODULES_URL is set: serving modules from ./modules");
                 Some(PathBuf::from("modules"))
             }
             (dir, _) => dir,
@@ -101,7 +103,6 @@ impl Settings {
         Ok(Self {
             store: Store { dir, http },
             chunk_size,
-            warnings,
         })
     }
 }
@@ -110,10 +111,7 @@ fn main() -> ExitCode {
     service::run(Service::Proxy, Settings::prepare, serve)
 }
 
-async fn serve(settings: Settings, mut context: Context) -> Result<(), Error> {
-    for warning in &settings.warnings {
-        warn!("{warning}");
-    }
+async fn serve(settings: Settings, mut context: Context) -> Result<(), ServiceError> {
     let proxy = Arc::new(Proxy {
         store: settings.store,
         chunk_size: settings.chunk_size,

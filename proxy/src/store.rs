@@ -41,7 +41,7 @@ pub fn file_name(app_name: &str) -> Result<String, String> {
     if last.is_empty() || last.starts_with('.') || !plain {
         return Err(format!(
             "app_name {:?} names no module file: its last part may hold only letters, digits, '.', '_' and '-', such as add.wasm or registry/add:v1",
-            propeller_mqtt::protocol::truncated(app_name, 200)
+            propeller_protocol::truncated(app_name, 200)
         ));
     }
     Ok(match last.contains('.') {

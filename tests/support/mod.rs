@@ -84,7 +84,8 @@ fn on_path(tool: &str) -> bool {
 /// Connects with `env` through the library, publishes one message at QoS 1,
 /// and disconnects.
 pub async fn publish_once(env: &Env, topic: &str, payload: &str) {
-    use propeller_mqtt::{Client, Config, ConnectionState, Service};
+    use propeller_mqtt::{Client, ConnectionState};
+    use propeller_protocol::{Service, ServiceConfig};
     let mut env = Env {
         prefix: env.prefix.clone(),
         vars: env.vars.clone(),
@@ -95,8 +96,8 @@ pub async fn publish_once(env: &Env, topic: &str, payload: &str) {
         "PROXY" => Service::Proxy,
         _ => Service::Proplet,
     };
-    let config = Config::from_vars(service, env.vars).expect("publisher config");
-    let (client, _) = Client::start(&config, vec![]).expect("publisher starts");
+    let config = ServiceConfig::from_vars(service, env.vars).expect("publisher config");
+    let (client, _) = Client::start(&config.mqtt, vec![]).expect("publisher starts");
     let mut state = client.state();
     tokio::time::timeout(
         std::time::Duration::from_secs(10),

@@ -51,7 +51,7 @@ pub fn binary(name: &str) -> PathBuf {
         .to_owned();
     BUILD.call_once(|| {
         let mut build = nested_cargo();
-        // The services, and the `propeller-mqtt` tool (the library's `cli` feature).
+        // The services, and the `propeller-mqtt` tool.
         build.args([
             "build",
             "-q",
@@ -62,7 +62,7 @@ pub fn binary(name: &str) -> PathBuf {
             "-p",
             "proxy",
             "-p",
-            "propeller-mqtt",
+            "propeller-mqtt-cli",
         ]);
         if profile_dir.ends_with("release") {
             build.arg("--release");

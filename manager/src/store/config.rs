@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use propeller_mqtt::config::Settings;
-use propeller_mqtt::Error;
+use propeller_mqtt::env::Settings;
+use propeller_mqtt::ConfigError;
 
 /// The store chosen, with what it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +55,8 @@ impl StoreConfig {
     ///
     /// # Errors
     ///
-    /// [`Error::Invalid`] naming the variable at fault.
-    pub fn from_settings(settings: &Settings) -> Result<Self, Error> {
+    /// [`ConfigError::Invalid`] naming the variable at fault.
+    pub fn from_settings(settings: &Settings) -> Result<Self, ConfigError> {
         let kind = settings.parse("STORAGE_TYPE", Kind::Sqlite, |text| {
             match text.trim().to_ascii_lowercase().as_str() {
                 "sqlite" => Ok(Kind::Sqlite),
@@ -83,7 +83,7 @@ enum Kind {
     Postgres,
 }
 
-fn postgres(settings: &Settings) -> Result<PostgresConfig, Error> {
+fn postgres(settings: &Settings) -> Result<PostgresConfig, ConfigError> {
     let port = settings.parse("POSTGRES_PORT", 5432, |text| {
         text.trim()
             .parse::<u16>()
@@ -108,9 +108,9 @@ fn postgres(settings: &Settings) -> Result<PostgresConfig, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use propeller_mqtt::{Config, Service};
+    use propeller_protocol::{Service, ServiceConfig};
 
-    fn config(vars: &[(&str, &str)]) -> Result<StoreConfig, Error> {
+    fn config(vars: &[(&str, &str)]) -> Result<StoreConfig, ConfigError> {
         let mut all = vec![
             ("MANAGER_CLIENT_ID", "m"),
             ("MANAGER_CLIENT_KEY", "k"),
@@ -122,7 +122,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        let config = Config::from_vars(Service::Manager, vars).expect("a valid config");
+        let config = ServiceConfig::from_vars(Service::Manager, vars).expect("a valid config");
         StoreConfig::from_settings(&config.settings)
     }
 

@@ -26,8 +26,8 @@ pub mod writer;
 use std::future::Future;
 use std::sync::Arc;
 
-use propeller_mqtt::config::Settings;
-use propeller_mqtt::Error;
+use propeller_mqtt::env::Settings;
+use propeller_mqtt::ConfigError;
 
 pub use config::{PostgresConfig, StoreConfig};
 pub use memory::Memory;
@@ -125,10 +125,13 @@ impl Store {
     ///
     /// # Errors
     ///
-    /// [`Error::Invalid`] for a bad variable; [`Error::Material`] naming
+    /// [`ConfigError::Invalid`] for a bad variable; [`ConfigError::Material`] naming
     /// `MANAGER_SQLITE_PATH` and the path for a file that cannot be opened,
     /// is corrupt, is locked by another manager, or has a newer schema.
-    pub fn open(settings: &Settings, holder: &str) -> Result<(Store, Option<Snapshot>), Error> {
+    pub fn open(
+        settings: &Settings,
+        holder: &str,
+    ) -> Result<(Store, Option<Snapshot>), ConfigError> {
         Ok(match StoreConfig::from_settings(settings)? {
             StoreConfig::Memory => (Store::Memory(Memory), Some(Snapshot::default())),
             StoreConfig::Sqlite { var, path } => {

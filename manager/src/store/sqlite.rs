@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use propeller_mqtt::Error;
+use propeller_mqtt::ConfigError;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use super::records::{self, PropletRow, TaskRow, PROPLET_COLUMNS, TASK_COLUMNS};
@@ -37,11 +37,11 @@ impl Sqlite {
     ///
     /// # Errors
     ///
-    /// [`Error::Material`] naming `var` and `path`, saying whether the file
+    /// [`ConfigError::Material`] naming `var` and `path`, saying whether the file
     /// cannot be opened, is corrupt, is locked by another manager, or has a
     /// newer schema.
-    pub fn open(var: &str, path: &Path) -> Result<(Self, Snapshot), Error> {
-        let fail = |problem: String| Error::Material {
+    pub fn open(var: &str, path: &Path) -> Result<(Self, Snapshot), ConfigError> {
+        let fail = |problem: String| ConfigError::Material {
             var: var.to_owned(),
             path: path.to_owned(),
             problem,

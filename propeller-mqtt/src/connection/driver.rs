@@ -13,15 +13,16 @@ use tracing::{debug, error, info, warn};
 use super::backoff::Backoff;
 use super::failure::Failure;
 use super::{lock, probe, socket, Command, ConnectionState, Message, Shared};
-use crate::config::{BrokerAddress, Config};
+use crate::env::BrokerAddress;
 use crate::tls::{self, TlsSetup, Trust};
+use crate::Options;
 
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// rumqttc's options for one broker of the list.
 pub(crate) fn mqtt_options(
-    config: &Config,
+    config: &Options,
     broker: &BrokerAddress,
     tls: Option<&TlsSetup>,
 ) -> MqttOptions {
@@ -54,7 +55,7 @@ pub(crate) fn mqtt_options(
 pub(crate) struct Parts {
     pub eventloop: EventLoop,
     pub mqtt: AsyncClient,
-    pub config: Config,
+    pub config: Options,
     pub tls: Option<TlsSetup>,
     pub shared: Arc<Mutex<Shared>>,
     pub inbox: mpsc::Sender<Message>,
@@ -67,7 +68,7 @@ pub(crate) struct Parts {
 pub(crate) struct Driver {
     eventloop: EventLoop,
     mqtt: AsyncClient,
-    config: Config,
+    config: Options,
     tls: Option<TlsSetup>,
     /// The TLS files the current setup was built from.
     tls_fingerprint: u64,
@@ -165,7 +166,7 @@ impl Driver {
                     warn!(
                         broker = %self.broker(),
                         cause = %failure,
-                        fix = %failure.fix(self.config.service),
+                        fix = %failure.fix(&self.config.names),
                         retry_in = ?delay,
                         attempts,
                         "MQTT connection failed"
@@ -204,7 +205,7 @@ impl Driver {
             .is_some_and(|t| t.trust == Trust::SkipVerify)
         {
             warn!(
-                var = %self.config.service.var("MQTT_TLS_INSECURE_SKIP_VERIFY"),
+                var = %self.config.names.var("MQTT_TLS_INSECURE_SKIP_VERIFY"),
                 "connected WITHOUT verifying the broker's certificate"
             );
         }
@@ -338,12 +339,12 @@ impl Driver {
         if self.rejected_fingerprint == Some(fingerprint) && !asked {
             return false;
         }
-        match TlsSetup::load(&self.config) {
+        match TlsSetup::load(settings, &self.config.names, &self.config.client_key) {
             Ok(setup) => {
-                for warning in setup.iter().flat_map(|s| &s.warnings) {
+                for warning in &setup.warnings {
                     warn!("{warning}");
                 }
-                self.tls = setup;
+                self.tls = Some(setup);
                 self.tls_fingerprint = fingerprint;
                 self.rejected_fingerprint = None;
                 self.apply_options();
@@ -393,7 +394,7 @@ fn bookkeep(shared: &mut Shared, event: Event) {
 /// Takes fields, not the driver: the driver is not `Sync`.
 async fn diagnose(
     failure: Failure,
-    config: &Config,
+    config: &Options,
     broker: usize,
     tls: Option<&TlsSetup>,
 ) -> Failure {
@@ -444,23 +445,14 @@ async fn next_command(commands: &mut Option<mpsc::UnboundedReceiver<Command>>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Service;
+    use crate::Secret;
 
     /// Every broker of the list, every mode: rumqttc connects through our
     /// socket (TCP_NODELAY, TCP_QUICKACK re-armed after reads), not its own.
     #[test]
     fn every_connection_opens_our_socket() {
-        let vars: Vec<(String, String)> = [
-            ("PROPLET_CLIENT_ID", "proplet-1"),
-            ("PROPLET_CLIENT_KEY", "s3cret-key"),
-            ("PROPLET_DOMAIN_ID", "dom"),
-            ("PROPLET_CHANNEL_ID", "chan"),
-            ("PROPLET_MQTT_ADDRESS", "tcp://a:1883,tcp://b:1883"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        let config = Config::from_vars(Service::Proplet, vars).unwrap();
+        let config =
+            Options::new("tcp://a:1883,tcp://b:1883", "proplet-1", Secret::new("k")).unwrap();
         for broker in &config.brokers {
             let options = mqtt_options(&config, broker, None);
             assert!(options.socket_connector().is_some(), "{broker}");

@@ -10,7 +10,7 @@ use std::io;
 use rumqttc::{ConnectReturnCode, ConnectionError, StateError};
 use rustls::{AlertDescription, CertificateError};
 
-use crate::config::{Mode, Service};
+use crate::{Mode, Names};
 
 /// A classified connection failure. Not fatal: the client retries with backoff.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +108,7 @@ impl Failure {
     }
 
     /// The TLS failure inside an I/O error, if there is one.
-    pub(crate) fn from_io(error: &io::Error, mode: Mode) -> Option<Self> {
+    pub fn from_io(error: &io::Error, mode: Mode) -> Option<Self> {
         find::<rustls::Error>(error).map(|tls| Self::from_tls(tls, mode))
     }
 
@@ -157,9 +157,9 @@ impl Failure {
         }
     }
 
-    /// What the operator can do about it, naming `service`'s variables.
-    pub fn fix(&self, service: Service) -> String {
-        let var = |suffix| service.var(suffix);
+    /// What the operator can do about it, naming the settings as `names` does.
+    pub fn fix(&self, names: &Names) -> String {
+        let var = |suffix| names.var(suffix);
         match self {
             Failure::BrokerUntrusted => format!(
                 "make {} the CA that signed the broker's certificate; a missing intermediate certificate on the broker gives the same error",
@@ -343,10 +343,10 @@ mod tests {
             expected: "x".into(),
             presented: vec![],
         }
-        .fix(Service::Proxy);
+        .fix(&Names::prefixed("PROXY_"));
         assert!(fix.contains("PROXY_MQTT_TLS_SERVER_NAME"), "{fix}");
         assert!(Failure::ClosedBeforeConnAck
-            .fix(Service::Manager)
+            .fix(&Names::prefixed("MANAGER_"))
             .contains("MANAGER_CLIENT_KEY"));
     }
 }

@@ -7,7 +7,7 @@ mod backoff;
 mod driver;
 mod failure;
 mod outbox;
-pub(crate) mod probe;
+mod probe;
 mod socket;
 mod subscriptions;
 
@@ -25,9 +25,13 @@ use tracing::{info, warn};
 
 pub use failure::Failure;
 
-use crate::config::Config;
-use crate::tls::TlsSetup;
-use crate::Error;
+/// The diagnosis steps the client takes itself, for tools that walk a
+/// connection one step at a time (`propeller-mqtt check`).
+pub mod diagnose {
+    pub use super::probe::{verdict, VERDICT_WAIT};
+}
+
+use crate::{ClientError, ConfigError, Options};
 use outbox::Outbox;
 use subscriptions::Subscriptions;
 
@@ -75,9 +79,9 @@ impl Delivery {
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] if the client shut down first.
-    pub async fn acknowledged(self) -> Result<(), Error> {
-        self.0.await.map_err(|_| Error::Closed)
+    /// [`ClientError::Closed`] if the client shut down first.
+    pub async fn acknowledged(self) -> Result<(), ClientError> {
+        self.0.await.map_err(|_| ClientError::Closed)
     }
 }
 
@@ -99,7 +103,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Puts outbox entry `id` on rumqttc's request queue.
-    pub fn send(&mut self, mqtt: &AsyncClient, id: u64) -> Result<(), Error> {
+    pub fn send(&mut self, mqtt: &AsyncClient, id: u64) -> Result<(), ClientError> {
         let Some(entry) = self.outbox.get(id) else {
             return Ok(());
         };
@@ -108,7 +112,7 @@ impl Shared {
         match ready_now(queued) {
             Some(Ok(())) => {}
             // Closed, or (against the sizing above) full.
-            Some(Err(_)) | None => return Err(Error::Closed),
+            Some(Err(_)) | None => return Err(ClientError::Closed),
         }
         self.outbox.queued(id);
         Ok(())
@@ -189,12 +193,14 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// Any problem with the TLS files, before any network I/O; see [`Error`].
+    /// A setting out of range ([`Options::validate`]) or any problem with
+    /// the TLS files, before any network I/O; see [`ConfigError`].
     pub fn start(
-        config: &Config,
+        config: &Options,
         topics: Vec<String>,
-    ) -> Result<(Self, mpsc::Receiver<Message>), Error> {
-        let tls = TlsSetup::load(config)?;
+    ) -> Result<(Self, mpsc::Receiver<Message>), ConfigError> {
+        config.validate()?;
+        let tls = config.load_tls()?;
         info!(
             mode = %config.mode(),
             broker = %config.brokers[0],
@@ -207,9 +213,6 @@ impl Client {
             for warning in &tls.warnings {
                 warn!("{warning}");
             }
-        }
-        for variable in &config.unknown {
-            warn!(variable = %variable, "this variable is not one the service reads: a typo? (ignored)");
         }
         let options = driver::mqtt_options(config, &config.brokers[0], tls.as_ref());
         let (mqtt, eventloop) = AsyncClient::new(options, config.outbox_limit + CONTROL_REQUESTS);
@@ -243,9 +246,9 @@ impl Client {
             stop: stop_tx,
             driver: std::sync::Mutex::new(Some(tokio::spawn(driver.run()))),
             shutdown_timeout: config.connect_timeout,
-            outbox_var: config.service.var("MQTT_OUTBOX_LIMIT"),
+            outbox_var: config.names.var("MQTT_OUTBOX_LIMIT"),
             outbox_limit: config.outbox_limit,
-            max_packet_var: config.service.var("MQTT_MAX_PACKET_SIZE"),
+            max_packet_var: config.names.var("MQTT_MAX_PACKET_SIZE"),
             max_packet: config.max_packet_size,
         };
         Ok((
@@ -267,22 +270,22 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`Error::TooLarge`] for a message over `<P>_MQTT_MAX_PACKET_SIZE`,
+    /// [`ClientError::TooLarge`] for a message over `<P>_MQTT_MAX_PACKET_SIZE`,
     /// which the broker would refuse on every attempt, so it is never queued;
-    /// [`Error::OutboxFull`] when `<P>_MQTT_OUTBOX_LIMIT` messages already wait
-    /// for the broker; [`Error::Closed`] once the client has shut down.
+    /// [`ClientError::OutboxFull`] when `<P>_MQTT_OUTBOX_LIMIT` messages already wait
+    /// for the broker; [`ClientError::Closed`] once the client has shut down.
     pub async fn publish(
         &self,
         topic: impl Into<String>,
         payload: impl Into<Bytes>,
-    ) -> Result<Delivery, Error> {
+    ) -> Result<Delivery, ClientError> {
         if *self.inner.stop.borrow() {
-            return Err(Error::Closed);
+            return Err(ClientError::Closed);
         }
         let (topic, payload) = (topic.into(), payload.into());
         let size = publish_size(topic.len(), payload.len(), self.inner.qos);
         if size > self.inner.max_packet {
-            return Err(Error::TooLarge {
+            return Err(ClientError::TooLarge {
                 var: self.inner.max_packet_var.clone(),
                 topic: topic.chars().take(200).collect(),
                 size,
@@ -293,7 +296,7 @@ impl Client {
         let (id, delivered) = shared
             .outbox
             .add(topic, payload, self.inner.qos)
-            .map_err(|_| Error::OutboxFull {
+            .map_err(|_| ClientError::OutboxFull {
                 var: self.inner.outbox_var.clone(),
                 limit: self.inner.outbox_limit,
             })?;
@@ -307,8 +310,8 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// [`Error::Closed`] once the client has shut down.
-    pub async fn subscribe(&self, topic: impl Into<String>) -> Result<(), Error> {
+    /// [`ClientError::Closed`] once the client has shut down.
+    pub async fn subscribe(&self, topic: impl Into<String>) -> Result<(), ClientError> {
         let topic = topic.into();
         let mut shared = lock(&self.inner.shared);
         if shared.subscriptions.all.contains(&topic) {
@@ -333,6 +336,20 @@ impl Client {
     /// How many messages wait for the broker's acknowledgement.
     pub async fn unacknowledged(&self) -> usize {
         lock(&self.inner.shared).outbox.len()
+    }
+
+    /// Runs until `shutdown` resolves (a signal, a cancellation token, the
+    /// end of the caller's work), then shuts down as [`Client::shutdown`]
+    /// does. Returns how many messages were left unacknowledged.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: propeller_mqtt::Client) {
+    /// let left = client.run_until(tokio::signal::ctrl_c()).await;
+    /// # }
+    /// ```
+    pub async fn run_until<F: Future>(&self, shutdown: F) -> usize {
+        shutdown.await;
+        self.shutdown().await
     }
 
     /// Waits up to the connect timeout for unacknowledged messages, then sends

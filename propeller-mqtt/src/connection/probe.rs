@@ -19,13 +19,14 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::failure::Failure;
-use crate::config::{BrokerAddress, Mode};
+use crate::env::BrokerAddress;
 use crate::tls::{unix_now, CertificateFacts, TlsSetup};
+use crate::Mode;
 
 /// How long we wait for a verdict once the handshake is done. A server that
 /// accepts our certificate says nothing until CONNECT, so this is also the
 /// probe's cost when TLS is fine.
-pub(crate) const VERDICT_WAIT: Duration = Duration::from_secs(2);
+pub const VERDICT_WAIT: Duration = Duration::from_secs(2);
 
 /// The TLS-level reason the server refuses us, or `None` when TLS is fine (or
 /// the probe cannot tell).
@@ -52,7 +53,7 @@ pub(crate) async fn tls_refusal(
 /// Right after a handshake, before we send anything: what the server says.
 /// An alert is classified; a close before we said a word means our
 /// certificate was refused; silence (`None`) means TLS is fine.
-pub(crate) async fn verdict<S: AsyncRead + Unpin>(
+pub async fn verdict<S: AsyncRead + Unpin>(
     stream: &mut S,
     mode: Mode,
     ours: Option<&CertificateFacts>,

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 
 use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 
-use crate::Error;
+use crate::ClientError;
 
 #[derive(Debug)]
 pub(crate) struct Subscriptions {
@@ -29,18 +29,22 @@ impl Subscriptions {
     }
 
     /// Queues one SUBSCRIBE for `topics`.
-    pub fn subscribe(&mut self, mqtt: &AsyncClient, topics: Vec<String>) -> Result<(), Error> {
+    pub fn subscribe(
+        &mut self,
+        mqtt: &AsyncClient,
+        topics: Vec<String>,
+    ) -> Result<(), ClientError> {
         let filters = topics
             .iter()
             .map(|t| SubscribeFilter::new(t.clone(), self.qos));
         mqtt.try_subscribe_many(filters)
-            .map_err(|_| Error::Closed)?;
+            .map_err(|_| ClientError::Closed)?;
         self.queued.push_back(topics);
         Ok(())
     }
 
     /// Subscribes to every topic again: the broker kept no session.
-    pub fn restore(&mut self, mqtt: &AsyncClient) -> Result<(), Error> {
+    pub fn restore(&mut self, mqtt: &AsyncClient) -> Result<(), ClientError> {
         self.queued.clear();
         self.sent.clear();
         match self.all.is_empty() {

@@ -16,8 +16,7 @@ use rustls::SignatureScheme;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::pem::{KeyForm, PemFile};
-use crate::config::{IdentityFiles, Secret, Service};
-use crate::{Error, Warning};
+use crate::{ConfigError, IdentityFiles, Names, Secret, Warning};
 
 /// What we learned about the client certificate, for warnings and reports.
 /// The CN is kept as a [`Secret`]: under Magistrala mTLS it is the client key.
@@ -44,14 +43,14 @@ pub(crate) struct ClientIdentity {
 
 impl ClientIdentity {
     pub fn load(
-        service: Service,
+        names: &Names,
         files: &IdentityFiles,
         provider: &CryptoProvider,
-    ) -> Result<Self, Error> {
-        let cert_file = PemFile::read(service.var("MQTT_TLS_CLIENT_CERT"), &files.cert)?;
-        let key_file = PemFile::read(service.var("MQTT_TLS_CLIENT_KEY"), &files.key)?;
+    ) -> Result<Self, ConfigError> {
+        let cert_file = PemFile::read(names.var("MQTT_TLS_CLIENT_CERT"), &files.cert)?;
+        let key_file = PemFile::read(names.var("MQTT_TLS_CLIENT_KEY"), &files.key)?;
         let chain = cert_file.certificates()?;
-        let password_var = service.var("MQTT_TLS_CLIENT_KEY_PASSWORD");
+        let password_var = names.var("MQTT_TLS_CLIENT_KEY_PASSWORD");
         let password = files
             .key_password
             .as_ref()
@@ -68,7 +67,7 @@ impl ClientIdentity {
             .public_key()
             .is_some_and(|public| public.as_ref() == leaf.tbs_certificate.subject_pki.raw);
         if !key_matches {
-            return Err(Error::KeyMismatch {
+            return Err(ConfigError::KeyMismatch {
                 cert_var: cert_file.var.clone(),
                 cert_path: cert_file.path.clone(),
                 key_var: key_file.var.clone(),
@@ -97,12 +96,12 @@ impl ClientIdentity {
     /// Warnings about an identity that loads but will likely be refused.
     pub fn warnings(
         &self,
-        service: Service,
+        names: &Names,
         client_key: &Secret,
         files: &IdentityFiles,
     ) -> Vec<Warning> {
         let mut warnings = Vec::new();
-        let cert_var = service.var("MQTT_TLS_CLIENT_CERT");
+        let cert_var = names.var("MQTT_TLS_CLIENT_CERT");
         let now = unix_now();
         let days_left = days_until(self.facts.not_after);
         if self.facts.not_after < now {
@@ -125,20 +124,20 @@ impl ClientIdentity {
             .is_some_and(|cn| client_key.expose().ends_with(cn.expose()));
         if !cn_matches {
             warnings.push(Warning::ClientKeyNotCertificateCn {
-                key_var: service.var("CLIENT_KEY"),
-                cert_var: service.var("MQTT_TLS_CLIENT_CERT"),
+                key_var: names.var("CLIENT_KEY"),
+                cert_var: names.var("MQTT_TLS_CLIENT_CERT"),
             });
         }
         if let Some(mode) = loose_permissions(&files.key) {
             warnings.push(Warning::KeyFileReadableByOthers {
-                var: service.var("MQTT_TLS_CLIENT_KEY"),
+                var: names.var("MQTT_TLS_CLIENT_KEY"),
                 path: files.key.clone(),
                 mode,
             });
         }
         if files.key_password.is_some() && self.facts.key_form != KeyForm::EncryptedPkcs8 {
             warnings.push(Warning::KeyPasswordUnused {
-                var: service.var("MQTT_TLS_CLIENT_KEY_PASSWORD"),
+                var: names.var("MQTT_TLS_CLIENT_KEY_PASSWORD"),
             });
         }
         warnings
@@ -148,7 +147,7 @@ impl ClientIdentity {
 fn parse_certificate<'a>(
     file: &PemFile,
     der: &'a CertificateDer<'_>,
-) -> Result<X509Certificate<'a>, Error> {
+) -> Result<X509Certificate<'a>, ConfigError> {
     X509Certificate::from_der(der.as_ref())
         .map(|(_, cert)| cert)
         .map_err(|e| file.problem(format!("the first certificate is not valid X.509 ({e})")))
@@ -162,7 +161,7 @@ pub(crate) fn unix_now() -> i64 {
 }
 
 /// Whole days from now until `timestamp`; negative once it has passed.
-pub(crate) fn days_until(timestamp: i64) -> i64 {
+pub fn days_until(timestamp: i64) -> i64 {
     (timestamp - unix_now()).div_euclid(86_400)
 }
 

@@ -18,12 +18,12 @@ use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 
+pub use identity::days_until;
+pub(crate) use identity::unix_now;
 pub use identity::CertificateFacts;
-pub(crate) use identity::{days_until, unix_now};
 pub use pem::KeyForm;
 
-use crate::config::{Config, TlsSettings};
-use crate::{Error, Warning};
+use crate::{ConfigError, Names, Secret, TlsSettings, Warning};
 use identity::{ClientIdentity, PresentCertificate};
 use pem::PemFile;
 use verify::{SkipVerify, VerifyAs};
@@ -93,12 +93,15 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn https_client_config(
     var: String,
     ca: Option<&Path>,
-) -> Result<(ClientConfig, Vec<Warning>), Error> {
+) -> Result<(ClientConfig, Vec<Warning>), ConfigError> {
     let mut warnings = Vec::new();
-    let (_, roots) = trust_anchors(var, ca, &mut warnings)?;
+    let (_, roots) = trust_anchors(var.clone(), ca, &mut warnings)?;
     let config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(Error::Tls)?
+        .map_err(|source| ConfigError::Tls {
+            var: var.clone(),
+            source,
+        })?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok((config, warnings))
@@ -106,22 +109,38 @@ pub fn https_client_config(
 
 /// The pieces of a TLS setup before they become a `ClientConfig`, so that
 /// `check` can wrap the verifier and the certificate resolver to watch them.
-pub(crate) struct Parts {
+pub struct Parts {
+    /// The crypto provider.
     pub provider: Arc<CryptoProvider>,
+    /// How the broker's certificate is checked.
     pub verifier: Arc<dyn ServerCertVerifier>,
+    /// What presents our certificate, for mTLS.
     pub resolver: Option<Arc<dyn ResolvesClientCert>>,
+    /// Where trust comes from.
     pub trust: Trust,
+    /// Our certificate, as read.
     pub identity: Option<CertificateFacts>,
+    /// What is worth an operator's attention.
     pub warnings: Vec<Warning>,
+    /// What errors call the TLS settings, e.g. `SENSOR_MQTT_TLS_*`.
+    pub tls_var: String,
+}
+
+/// rustls refused what the settings make.
+fn tls_error(names: &Names, source: rustls::Error) -> ConfigError {
+    ConfigError::Tls {
+        var: names.var("MQTT_TLS_*"),
+        source,
+    }
 }
 
 impl Parts {
     /// Reads and checks the TLS files of `config`; `None` for plain MQTT.
-    pub fn load(config: &Config) -> Result<Option<Self>, Error> {
-        let Some(settings) = &config.tls else {
-            return Ok(None);
-        };
-        let service = config.service;
+    pub fn load(
+        settings: &TlsSettings,
+        names: &Names,
+        client_key: &Secret,
+    ) -> Result<Self, ConfigError> {
         let provider = provider();
         let mut warnings = Vec::new();
 
@@ -130,28 +149,28 @@ impl Parts {
                 if let Some(ca) = &settings.ca {
                     // Still read it: a broken path should not go unnoticed until the day
                     // someone turns verification back on.
-                    ca_certificates(service.var("MQTT_TLS_CA_CERT"), ca)?;
+                    ca_certificates(names.var("MQTT_TLS_CA_CERT"), ca)?;
                 }
                 warnings.push(Warning::InsecureSkipVerify {
-                    var: service.var("MQTT_TLS_INSECURE_SKIP_VERIFY"),
+                    var: names.var("MQTT_TLS_INSECURE_SKIP_VERIFY"),
                 });
                 (Trust::SkipVerify, Arc::new(SkipVerify(provider.clone())))
             } else {
                 let (trust, roots) = trust_anchors(
-                    service.var("MQTT_TLS_CA_CERT"),
+                    names.var("MQTT_TLS_CA_CERT"),
                     settings.ca.as_deref(),
                     &mut warnings,
                 )?;
                 let webpki =
                     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
-                        .map_err(|e| Error::Tls(rustls::Error::General(e.to_string())))?;
+                        .map_err(|e| tls_error(names, rustls::Error::General(e.to_string())))?;
                 let verifier: Arc<dyn ServerCertVerifier> = match &settings.server_name {
                     Some(name) => Arc::new(VerifyAs {
                         inner: webpki,
                         // Checked when the config was parsed; this cannot fail.
                         name: ServerName::try_from(name.clone())
-                            .map_err(|e| Error::Tls(rustls::Error::General(e.to_string())))?,
+                            .map_err(|e| tls_error(names, rustls::Error::General(e.to_string())))?,
                     }),
                     None => webpki,
                 };
@@ -162,12 +181,12 @@ impl Parts {
             .identity
             .as_ref()
             .map(|files| {
-                let identity = ClientIdentity::load(service, files, &provider)?;
-                warnings.extend(identity.warnings(service, &config.client_key, files));
-                Ok::<_, Error>(identity)
+                let identity = ClientIdentity::load(names, files, &provider)?;
+                warnings.extend(identity.warnings(names, client_key, files));
+                Ok::<_, ConfigError>(identity)
             })
             .transpose()?;
-        Ok(Some(Self {
+        Ok(Self {
             provider,
             verifier,
             resolver: identity.as_ref().map(|i| {
@@ -176,11 +195,12 @@ impl Parts {
             trust,
             identity: identity.map(|i| i.facts),
             warnings,
-        }))
+            tls_var: names.var("MQTT_TLS_*"),
+        })
     }
 
     /// The rustls configuration these parts make.
-    pub fn client_config(&self) -> Result<ClientConfig, Error> {
+    pub fn client_config(&self) -> Result<ClientConfig, ConfigError> {
         self.assemble(self.verifier.clone(), self.resolver.clone())
     }
 
@@ -189,10 +209,13 @@ impl Parts {
         &self,
         verifier: Arc<dyn ServerCertVerifier>,
         resolver: Option<Arc<dyn ResolvesClientCert>>,
-    ) -> Result<ClientConfig, Error> {
+    ) -> Result<ClientConfig, ConfigError> {
         let builder = ClientConfig::builder_with_provider(self.provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(Error::Tls)?
+            .map_err(|source| ConfigError::Tls {
+                var: self.tls_var.clone(),
+                source,
+            })?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         Ok(match resolver {
@@ -210,16 +233,18 @@ impl TlsSetup {
     /// A missing or unreadable file, PEM without the expected content, an
     /// encrypted key without (or with a wrong) password, a key that does not
     /// match its certificate, or no usable trust anchor.
-    pub fn load(config: &Config) -> Result<Option<Self>, Error> {
-        let Some(parts) = Parts::load(config)? else {
-            return Ok(None);
-        };
-        Ok(Some(Self {
+    pub fn load(
+        settings: &TlsSettings,
+        names: &Names,
+        client_key: &Secret,
+    ) -> Result<Self, ConfigError> {
+        let parts = Parts::load(settings, names, client_key)?;
+        Ok(Self {
             client_config: Arc::new(parts.client_config()?),
             trust: parts.trust,
             identity: parts.identity,
             warnings: parts.warnings,
-        }))
+        })
     }
 }
 
@@ -228,7 +253,7 @@ fn trust_anchors(
     var: String,
     ca: Option<&Path>,
     warnings: &mut Vec<Warning>,
-) -> Result<(Trust, RootCertStore), Error> {
+) -> Result<(Trust, RootCertStore), ConfigError> {
     let mut roots = RootCertStore::empty();
     match ca {
         Some(ca) => {
@@ -236,7 +261,7 @@ fn trust_anchors(
             let total = certs.len();
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(Error::Material {
+                return Err(ConfigError::Material {
                     var,
                     path: ca.to_owned(),
                     problem: format!(
@@ -257,7 +282,7 @@ fn trust_anchors(
                 });
             }
             if added == 0 {
-                return Err(Error::NoTrustAnchors { ca_var: var });
+                return Err(ConfigError::NoTrustAnchors { ca_var: var });
             }
             Ok((Trust::System(added), roots))
         }
@@ -265,14 +290,14 @@ fn trust_anchors(
 }
 
 /// The certificates of a CA bundle file, or of every PEM file in a directory.
-pub(crate) fn ca_certificates(
+pub fn ca_certificates(
     var: String,
     path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, Error> {
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     if !path.is_dir() {
         return PemFile::read(var, path)?.certificates();
     }
-    let entries = std::fs::read_dir(path).map_err(|source| Error::Read {
+    let entries = std::fs::read_dir(path).map_err(|source| ConfigError::Read {
         var: var.clone(),
         path: path.to_owned(),
         source,
@@ -290,7 +315,7 @@ pub(crate) fn ca_certificates(
         .flatten()
         .collect();
     if certs.is_empty() {
-        return Err(Error::Material {
+        return Err(ConfigError::Material {
             var,
             path: path.to_owned(),
             problem:

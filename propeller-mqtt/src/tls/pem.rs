@@ -7,8 +7,7 @@ use pkcs8::der::{Decode, SecretDocument};
 use rustls::pki_types::pem::{self, PemObject, SectionKind};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::config::Secret;
-use crate::Error;
+use crate::{ConfigError, Secret};
 
 /// A PEM file named by a variable, read once.
 pub(crate) struct PemFile {
@@ -55,14 +54,14 @@ pub(crate) fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
 }
 
 impl PemFile {
-    pub fn read(var: String, path: &Path) -> Result<Self, Error> {
+    pub fn read(var: String, path: &Path) -> Result<Self, ConfigError> {
         match read_file(path) {
             Ok(bytes) => Ok(Self {
                 var,
                 path: path.to_owned(),
                 bytes,
             }),
-            Err(source) => Err(Error::Read {
+            Err(source) => Err(ConfigError::Read {
                 var,
                 path: path.to_owned(),
                 source,
@@ -70,8 +69,8 @@ impl PemFile {
         }
     }
 
-    pub fn problem(&self, problem: impl Into<String>) -> Error {
-        Error::Material {
+    pub fn problem(&self, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Material {
             var: self.var.clone(),
             path: self.path.clone(),
             problem: problem.into(),
@@ -85,7 +84,7 @@ impl PemFile {
     }
 
     /// Every certificate in the file, in order; at least one.
-    pub fn certificates(&self) -> Result<Vec<CertificateDer<'static>>, Error> {
+    pub fn certificates(&self) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
         let certs = CertificateDer::pem_slice_iter(&self.bytes)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.pem_error(e))?;
@@ -105,7 +104,7 @@ impl PemFile {
     pub fn private_key(
         &self,
         password: Option<(&Secret, &str)>,
-    ) -> Result<(PrivateKeyDer<'static>, KeyForm), Error> {
+    ) -> Result<(PrivateKeyDer<'static>, KeyForm), ConfigError> {
         if self.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
             let Some((password, password_var)) = password else {
                 let password_var = format!("{}_PASSWORD", self.var);
@@ -146,7 +145,7 @@ impl PemFile {
         &self,
         password: &Secret,
         password_var: &str,
-    ) -> Result<(PrivateKeyDer<'static>, KeyForm), Error> {
+    ) -> Result<(PrivateKeyDer<'static>, KeyForm), ConfigError> {
         let text =
             std::str::from_utf8(&self.bytes).map_err(|_| self.problem("is not a text PEM file"))?;
         let begin = text
@@ -170,7 +169,7 @@ impl PemFile {
         Ok((PrivateKeyDer::Pkcs8(der), KeyForm::EncryptedPkcs8))
     }
 
-    fn pem_error(&self, error: pem::Error) -> Error {
+    fn pem_error(&self, error: pem::Error) -> ConfigError {
         self.problem(format!(
             "is not valid PEM ({error}): check that the file is complete"
         ))

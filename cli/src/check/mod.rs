@@ -17,10 +17,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::{Config, Mode, Service};
-use crate::connection::probe;
-use crate::tls::{self, Parts, Trust};
-use crate::{one_line, Failure};
+use propeller_mqtt::diagnose as probe;
+use propeller_mqtt::tls::{self, Parts, Trust};
+use propeller_mqtt::{one_line, Failure, Mode, Names};
+use propeller_protocol::{Service, ServiceConfig};
 
 /// How a step went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +124,7 @@ impl Checker {
     }
 
     fn failure(&mut self, name: &'static str, failure: &Failure) -> Stop {
-        let fix = failure.fix(self.report.service);
+        let fix = failure.fix(&Names::prefixed(self.report.service.prefix()));
         self.fail(name, failure.to_string(), Some(fix))
     }
 
@@ -157,18 +157,18 @@ async fn walk(
     mut vars: Vec<(String, String)>,
 ) -> Result<(), Stop> {
     // 1. The address and the mode.
-    crate::config_toml::fill(service, &mut vars)
+    propeller_protocol::config_toml::fill(service, &mut vars)
         .map_err(|e| c.fail("config", one_line(&e), None))?;
-    let config =
-        Config::from_vars(service, vars).map_err(|e| c.fail("config", one_line(&e), None))?;
-    let broker = &config.brokers[0];
+    let config = ServiceConfig::from_vars(service, vars)
+        .map_err(|e| c.fail("config", one_line(&e), None))?;
+    let broker = &config.mqtt.brokers[0];
     let address_var = service.var("MQTT_ADDRESS");
-    let others = match config.brokers.len() {
+    let others = match config.mqtt.brokers.len() {
         1 => String::new(),
         n => format!(" (first of {n}; the others are tried when it fails)"),
     };
     c.ok("address", format!("{broker}{others}"));
-    let why = match config.mode() {
+    let why = match config.mqtt.mode() {
         Mode::Plain => format!("{address_var} is tcp:// and no TLS variable is set"),
         Mode::Tls => format!("{address_var} is ssl:// without a client certificate"),
         Mode::MutualTls => format!(
@@ -177,16 +177,16 @@ async fn walk(
             service.var("MQTT_TLS_CLIENT_KEY")
         ),
     };
-    c.ok("mode", format!("{}: {why}", config.mode()));
+    c.ok("mode", format!("{}: {why}", config.mqtt.mode()));
 
     // 2 and 3. The CA and the client certificate.
-    let parts = match config.tls {
+    let parts = match config.mqtt.tls {
         Some(_) => Some(check_tls_files(c, &config)?),
         None => None,
     };
 
     // 4. DNS and TCP.
-    let timeout = config.connect_timeout;
+    let timeout = config.mqtt.connect_timeout;
     let started = Instant::now();
     let resolved: Vec<SocketAddr> = match tokio::time::timeout(
         timeout,
@@ -220,7 +220,7 @@ async fn walk(
         Ok(Err(e)) => {
             return Err(c.failure(
                 "tcp",
-                &Failure::classify(&rumqttc::ConnectionError::Io(e), false, config.mode()),
+                &Failure::classify(&rumqttc::ConnectionError::Io(e), false, config.mqtt.mode()),
             ))
         }
         Err(_) => return Err(c.failure("tcp", &Failure::Timeout)),
@@ -240,9 +240,9 @@ async fn walk(
 
 /// Steps 2 and 3: reads the TLS files the way the service does, then
 /// describes them.
-fn check_tls_files(c: &mut Checker, config: &Config) -> Result<Parts, Stop> {
+fn check_tls_files(c: &mut Checker, config: &ServiceConfig) -> Result<Parts, Stop> {
     let service = config.service;
-    let Some(settings) = &config.tls else {
+    let Some(settings) = &config.mqtt.tls else {
         unreachable!("called for TLS modes only")
     };
     let ca_var = service.var("MQTT_TLS_CA_CERT");
@@ -275,9 +275,8 @@ fn check_tls_files(c: &mut Checker, config: &Config) -> Result<Parts, Stop> {
         }
         None => Vec::new(),
     };
-    let parts = Parts::load(config)
-        .map_err(|e| c.fail("tls files", one_line(&e), None))?
-        .expect("TLS mode");
+    let parts = Parts::load(settings, &config.mqtt.names, &config.mqtt.client_key)
+        .map_err(|e| c.fail("tls files", one_line(&e), None))?;
     match &parts.trust {
         Trust::System(n) => c.ok(
             "ca",
@@ -303,11 +302,11 @@ fn check_tls_files(c: &mut Checker, config: &Config) -> Result<Parts, Stop> {
 /// it fails verification, and so is whether the broker asked for our certificate.
 async fn handshake(
     c: &mut Checker,
-    config: &Config,
+    config: &ServiceConfig,
     parts: &Parts,
     tcp: TcpStream,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Stop> {
-    let broker = &config.brokers[0];
+    let broker = &config.mqtt.brokers[0];
     let watched = watch::Watched::new(parts);
     let client_config = watched
         .client_config(parts)
@@ -320,13 +319,14 @@ async fn handshake(
         )
     })?;
     let expected = config
+        .mqtt
         .tls
         .as_ref()
         .and_then(|t| t.server_name.clone())
         .unwrap_or_else(|| broker.host.clone());
     let started = Instant::now();
     let result = tokio::time::timeout(
-        config.connect_timeout,
+        config.mqtt.connect_timeout,
         TlsConnector::from(Arc::new(client_config)).connect(name, tcp),
     )
     .await;
@@ -345,7 +345,7 @@ async fn handshake(
     let mut stream = match result {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
-            let failure = Failure::from_io(&error, config.mode())
+            let failure = Failure::from_io(&error, config.mqtt.mode())
                 .unwrap_or_else(|| Failure::Tls(error.to_string()));
             return Err(c.failure("tls", &failure));
         }
@@ -371,7 +371,7 @@ async fn handshake(
         ),
     }
     let asked = watched.certificate_requested();
-    match (config.mode(), asked) {
+    match (config.mqtt.mode(), asked) {
         (Mode::MutualTls, true) => c.ok(
             "client auth",
             "the broker asked for a client certificate; ours was sent",
@@ -397,9 +397,14 @@ async fn handshake(
     }
     // Before sending CONNECT, hear the broker out: under TLS 1.3 it judges our
     // certificate only now, and nginx says so by closing without an alert.
-    let wait = probe::VERDICT_WAIT.min(config.connect_timeout) / 2;
-    if let Some(failure) =
-        probe::verdict(&mut stream, config.mode(), parts.identity.as_ref(), wait).await
+    let wait = probe::VERDICT_WAIT.min(config.mqtt.connect_timeout) / 2;
+    if let Some(failure) = probe::verdict(
+        &mut stream,
+        config.mqtt.mode(),
+        parts.identity.as_ref(),
+        wait,
+    )
+    .await
     {
         return Err(c.failure("tls verdict", &failure));
     }

@@ -1,14 +1,52 @@
-//! What every service binary does around its own logic: read the config,
-//! install logging, connect, run until SIGTERM or Ctrl-C, disconnect.
+//! What each of Propeller's service binaries does around its own logic, in
+//! one place: parse the flags, read the env (and an env file), install
+//! logging, build the runtime, connect, run until SIGTERM or Ctrl-C, keep
+//! the health file, disconnect. The binary calls [`run`] from `main`; the
+//! connection library itself owns none of this.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{CommandFactory, FromArgMatches, Parser};
+use propeller_mqtt::{one_line, Client, ClientError, ConfigError, ConnectionState, Message};
+use propeller_protocol::{Service, ServiceConfig};
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::{one_line, Client, Config, Error, Message, Service};
+/// Why a service stopped other than cleanly, or could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// A variable, file or setting is wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The client refused what the service asked of it.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A service cannot listen where its variables say (the manager's API).
+    #[error("{var}: cannot listen on {address}: choose a free port, or an address of this host")]
+    Listen {
+        /// The variables that name the address.
+        var: String,
+        /// The address.
+        address: String,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A log filter that tracing cannot parse.
+    #[error("{var}={value:?} is not a valid log filter: write a level (error, warn, info, debug, trace) or directives such as info,propeller_mqtt=debug")]
+    LogFilter {
+        /// The log level variable.
+        var: String,
+        /// The value as given.
+        value: String,
+    },
+    /// The operating system refused what the async runtime needs.
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+}
 
 /// Exit status for a configuration error (`EX_CONFIG` of sysexits.h).
 pub const EXIT_CONFIG: u8 = 78;
@@ -16,8 +54,8 @@ pub const EXIT_CONFIG: u8 = 78;
 /// What a service's own logic gets once its configuration is read and the
 /// connection is starting.
 pub struct Context {
-    /// The configuration, with the service's own [`Config::settings`].
-    pub config: Config,
+    /// The configuration, with the service's own settings.
+    pub config: ServiceConfig,
     /// The connection, already subscribed to the service's [`Service::topics`].
     pub client: Client,
     /// Messages received on those topics.
@@ -43,22 +81,12 @@ pub const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// configuration error on one line to stderr, or failure when `main` fails.
 pub fn run<T, P, M, F>(service: Service, prepare: P, main: M) -> ExitCode
 where
-    P: FnOnce(&mut Config) -> Result<T, Error>,
+    P: FnOnce(&mut ServiceConfig) -> Result<T, ServiceError>,
     M: FnOnce(T, Context) -> F,
-    F: Future<Output = Result<(), Error>>,
+    F: Future<Output = Result<(), ServiceError>>,
 {
-    let env_file = match env_file_argument(std::env::args().skip(1)) {
-        Ok(Arguments::Run(env_file)) => env_file,
-        Ok(Arguments::Help) => {
-            println!("{}", usage(service));
-            return ExitCode::SUCCESS;
-        }
-        Err(problem) => {
-            eprintln!("{service}: {problem}\n{}", usage(service));
-            return ExitCode::from(2);
-        }
-    };
-    let outcome = configure(service, env_file, prepare)
+    let flags = Flags::parse_for(service);
+    let outcome = configure(service, flags.env_file, prepare)
         .map_err(Stopped::Config)
         .and_then(|(config, settings)| serve(config, settings, main));
     match outcome {
@@ -79,42 +107,34 @@ where
 enum Stopped {
     /// The variables, the env and config files, the service's own settings,
     /// or the TLS files the client reads as it starts.
-    Config(Error),
+    Config(ServiceError),
     /// The service's own logic gave up.
-    Failed(Error),
+    Failed(ServiceError),
 }
 
-enum Arguments {
-    Run(Option<PathBuf>),
-    Help,
+/// A service's command line.
+#[derive(Debug, Parser)]
+struct Flags {
+    /// Read variables from this file (docker .env syntax); without it,
+    /// ./.env is read when present. Non-empty environment values win.
+    #[arg(long, value_name = "PATH")]
+    env_file: Option<PathBuf>,
 }
 
-/// A service takes one option: `--env-file PATH`.
-fn env_file_argument(mut args: impl Iterator<Item = String>) -> Result<Arguments, String> {
-    let mut env_file = None;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => return Ok(Arguments::Help),
-            "--env-file" => {
-                env_file = Some(PathBuf::from(args.next().ok_or("--env-file needs a path")?))
-            }
-            _ => match arg.strip_prefix("--env-file=") {
-                Some(path) => env_file = Some(PathBuf::from(path)),
-                None => return Err(format!("unknown argument {arg:?}")),
-            },
-        }
+impl Flags {
+    /// Parses the process's arguments, or exits with clap's message: 0 for
+    /// `--help`, 2 for a bad argument.
+    fn parse_for(service: Service) -> Self {
+        let command = Flags::command()
+            .name(service.name())
+            .about(format!(
+                "Propeller's {service}: reads {prefix}* variables from the environment",
+                prefix = service.prefix()
+            ))
+            .after_help("SIGHUP re-reads the TLS files; SIGTERM or Ctrl-C stops.");
+        let matches = command.get_matches();
+        Flags::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
     }
-    Ok(Arguments::Run(env_file))
-}
-
-fn usage(service: Service) -> String {
-    format!(
-        "usage: {service} [--env-file PATH]\n\n\
-         Reads {prefix}* variables from the environment, over PATH (docker .env syntax)\n\
-         or over ./.env when no file is named. Non-empty environment values win.\n\
-         SIGHUP re-reads the TLS files; SIGTERM or Ctrl-C stops.",
-        prefix = service.prefix()
-    )
 }
 
 /// Everything that can go wrong before the network: variables, the env and
@@ -123,51 +143,50 @@ fn configure<T, P>(
     service: Service,
     env_file: Option<PathBuf>,
     prepare: P,
-) -> Result<((Config, Option<PathBuf>), T), Error>
+) -> Result<((ServiceConfig, Option<PathBuf>), T), ServiceError>
 where
-    P: FnOnce(&mut Config) -> Result<T, Error>,
+    P: FnOnce(&mut ServiceConfig) -> Result<T, ServiceError>,
 {
-    let (mut vars, file) = crate::env_file::service_vars(env_file.as_deref())?;
-    let config_toml = crate::config_toml::fill(service, &mut vars)?;
+    let (mut vars, file) = propeller_mqtt::env_file::service_vars(env_file.as_deref())?;
+    let config_toml = propeller_protocol::config_toml::fill(service, &mut vars)?;
     let health_file = vars
         .iter()
         .find(|(name, value)| name == HEALTH_FILE && !value.is_empty())
         .map(|(_, v)| PathBuf::from(v));
-    let mut config = Config::from_vars(service, vars)?;
-    let settings = prepare(&mut config)?;
+    let mut config = ServiceConfig::from_vars(service, vars)?;
+    // Logging first, so that what `prepare` finds worth a warning is logged.
     init_logging(&config)?;
+    let settings = prepare(&mut config)?;
     if let Some(file) = file {
         info!(file = %file.display(), "read variables from the env file");
     }
     if let Some(file) = config_toml {
         info!(file = %file.display(), "read identity values missing from env from the config file");
     }
+    for variable in &config.unknown {
+        warn!(variable = %variable, "this variable is not one the service reads: a typo? (ignored)");
+    }
     Ok(((config, health_file), settings))
 }
 
 fn serve<T, M, F>(
-    (config, health_file): (Config, Option<PathBuf>),
+    (config, health_file): (ServiceConfig, Option<PathBuf>),
     settings: T,
     main: M,
 ) -> Result<(), Stopped>
 where
     M: FnOnce(T, Context) -> F,
-    F: Future<Output = Result<(), Error>>,
+    F: Future<Output = Result<(), ServiceError>>,
 {
     // One thread is plenty for an MQTT client and keeps the idle footprint
     // small; CPU-heavy work (the proplet's modules) goes to blocking threads.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Stopped::Failed(Error::Runtime(e)))?;
+        .map_err(|e| Stopped::Failed(ServiceError::Runtime(e)))?;
     runtime.block_on(async {
-        let topics = config
-            .service
-            .topics()
-            .iter()
-            .map(|suffix| config.channel.topic(suffix))
-            .collect();
-        let (client, messages) = Client::start(&config, topics).map_err(Stopped::Config)?;
+        let (client, messages) = Client::start(&config.mqtt, config.topics())
+            .map_err(|e| Stopped::Config(e.into()))?;
         if let Some(path) = health_file {
             tokio::spawn(write_health(client.state(), path));
         }
@@ -237,18 +256,15 @@ async fn replace_file(path: &std::path::Path, bytes: Vec<u8>) -> std::io::Result
 }
 
 /// Writes `connected` or `disconnected: <why>` to `path` at every change.
-async fn write_health(
-    mut state: tokio::sync::watch::Receiver<crate::ConnectionState>,
-    path: PathBuf,
-) {
+async fn write_health(mut state: tokio::sync::watch::Receiver<ConnectionState>, path: PathBuf) {
     loop {
         let line = match &*state.borrow_and_update() {
-            crate::ConnectionState::Connected => "connected\n".to_owned(),
-            crate::ConnectionState::Connecting => "disconnected: connecting\n".to_owned(),
-            crate::ConnectionState::Retrying { failure, .. } => {
+            ConnectionState::Connected => "connected\n".to_owned(),
+            ConnectionState::Connecting => "disconnected: connecting\n".to_owned(),
+            ConnectionState::Retrying { failure, .. } => {
                 format!("disconnected: {failure}\n")
             }
-            crate::ConnectionState::Closed => "disconnected: stopped\n".to_owned(),
+            ConnectionState::Closed => "disconnected: stopped\n".to_owned(),
         };
         // Write then rename, so a healthcheck never reads half a line.
         let written = replace_file(&path, line.into_bytes()).await;
@@ -265,10 +281,10 @@ async fn write_health(
 ///
 /// # Errors
 ///
-/// [`Error::LogFilter`] when the filter does not parse.
-pub fn init_logging(config: &Config) -> Result<(), Error> {
+/// [`ServiceError::LogFilter`] when the filter does not parse.
+pub fn init_logging(config: &ServiceConfig) -> Result<(), ServiceError> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level).map_err(|_| {
-        Error::LogFilter {
+        ServiceError::LogFilter {
             var: config.service.var("LOG_LEVEL"),
             value: config.log_level.clone(),
         }

@@ -11,8 +11,10 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::env_file::Vars;
-use crate::{Error, Service};
+use propeller_mqtt::env_file::Vars;
+use propeller_mqtt::ConfigError;
+
+use crate::Service;
 
 /// The file read when `<P>_CONFIG_FILE` is unset; a missing default is not an error.
 pub const DEFAULT_PATH: &str = "config.toml";
@@ -35,7 +37,7 @@ const KEYS: [(&str, &str, &str); 4] = [
 /// `<P>_CONFIG_FILE` names a file that cannot be read, the file is not TOML,
 /// or a key of the section is not a string. Values are never repeated: one of
 /// them is the client key.
-pub fn fill(service: Service, vars: &mut Vars) -> Result<Option<PathBuf>, Error> {
+pub fn fill(service: Service, vars: &mut Vars) -> Result<Option<PathBuf>, ConfigError> {
     let get = |vars: &Vars, name: &str| -> Option<String> {
         vars.iter()
             .rev()
@@ -66,7 +68,7 @@ pub fn fill(service: Service, vars: &mut Vars) -> Result<Option<PathBuf>, Error>
     let Some(section) = table.get(&section_name) else {
         return Ok(Some(path));
     };
-    let material = |problem: String| Error::Material {
+    let material = |problem: String| ConfigError::Material {
         var: file_var.clone(),
         path: path.clone(),
         problem,
@@ -90,8 +92,8 @@ pub fn fill(service: Service, vars: &mut Vars) -> Result<Option<PathBuf>, Error>
     Ok(Some(path))
 }
 
-fn read(path: &Path, var: &str) -> Result<toml::Table, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+fn read(path: &Path, var: &str) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         var: var.to_owned(),
         path: path.to_owned(),
         source,
@@ -100,7 +102,7 @@ fn read(path: &Path, var: &str) -> Result<toml::Table, Error> {
         let line = error
             .span()
             .map(|span| text[..span.start].lines().count().max(1));
-        Error::Material {
+        ConfigError::Material {
             var: var.to_owned(),
             path: path.to_owned(),
             problem: match line {

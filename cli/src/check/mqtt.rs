@@ -6,30 +6,34 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{ms, Checker, Stop};
-use crate::config::Config;
-use crate::Failure;
+use propeller_mqtt::Failure;
+use propeller_protocol::ServiceConfig;
 
 pub(super) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     c: &mut Checker,
-    config: &Config,
+    config: &ServiceConfig,
     mut stream: S,
 ) -> Result<(), Stop> {
     let packet = connect_packet(
-        &config.client_id,
-        config.client_key.expose(),
-        config.keep_alive.as_secs() as u16,
+        &config.mqtt.client_id,
+        config.mqtt.client_key.expose(),
+        config.mqtt.keep_alive.as_secs() as u16,
     );
     let started = Instant::now();
     // One write: Magistrala's edge parses CONNECT from the first chunk it sees.
     if let Err(e) = write(&mut stream, &packet).await {
-        let failure = Failure::from_io(&e, config.mode()).unwrap_or(Failure::ClosedBeforeConnAck);
+        let failure =
+            Failure::from_io(&e, config.mqtt.mode()).unwrap_or(Failure::ClosedBeforeConnAck);
         return Err(c.failure("mqtt", &failure));
     }
     let mut connack = [0u8; 4];
-    let read = tokio::time::timeout(config.connect_timeout, stream.read_exact(&mut connack)).await;
+    let read =
+        tokio::time::timeout(config.mqtt.connect_timeout, stream.read_exact(&mut connack)).await;
     let failure = match read {
         Err(_) => Failure::Timeout,
-        Ok(Err(e)) => Failure::from_io(&e, config.mode()).unwrap_or(Failure::ClosedBeforeConnAck),
+        Ok(Err(e)) => {
+            Failure::from_io(&e, config.mqtt.mode()).unwrap_or(Failure::ClosedBeforeConnAck)
+        }
         Ok(Ok(_)) if connack[..2] != [0x20, 0x02] => Failure::Refused(format!(
             "the broker answered CONNECT with bytes {connack:02x?}, not a CONNACK"
         )),

@@ -20,8 +20,9 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-use crate::config::Secret;
-use crate::Error;
+use propeller_mqtt::{ConfigError, Secret};
+
+use crate::CliError;
 
 /// The longest CN X.509 allows (RFC 5280 ub-common-name).
 pub const MAX_CN: usize = 64;
@@ -97,7 +98,12 @@ pub struct Written {
 /// # Errors
 ///
 /// A file exists and `force` is off, or the directory cannot be written.
-pub fn ca(out: &Output, subject: &Subject, key_type: KeyType, days: i64) -> Result<Written, Error> {
+pub fn ca(
+    out: &Output,
+    subject: &Subject,
+    key_type: KeyType,
+    days: i64,
+) -> Result<Written, CliError> {
     let key = new_key(key_type)?;
     let mut params = base_params(days)?;
     params.distinguished_name = name(subject, &subject.ca_unit, "Propeller_Self_Signed_CA");
@@ -126,7 +132,7 @@ pub fn server(
     sans: &[String],
     key_type: KeyType,
     days: i64,
-) -> Result<Written, Error> {
+) -> Result<Written, CliError> {
     let issuer = load_ca(&out.dir)?;
     let key = new_key(key_type)?;
     let mut params = base_params(days)?;
@@ -157,15 +163,15 @@ pub fn client(
     secret: &Secret,
     key_type: KeyType,
     days: i64,
-) -> Result<Written, Error> {
+) -> Result<Written, CliError> {
     let length = secret.expose().chars().count();
     if length == 0 {
-        return Err(Error::Certificate(
+        return Err(CliError::Certificate(
             "the client secret is empty: pass the Magistrala client secret with --secret".into(),
         ));
     }
     if length > MAX_CN {
-        return Err(Error::Certificate(format!(
+        return Err(CliError::Certificate(format!(
             "the client secret is {length} characters, but a certificate CN holds at most {MAX_CN}: \
              use a shorter Magistrala client secret (a UUID is 36)"
         )));
@@ -183,7 +189,7 @@ pub fn client(
     write_pair(out, name_stem, &cert.pem(), &key)
 }
 
-fn new_key(key_type: KeyType) -> Result<KeyPair, Error> {
+fn new_key(key_type: KeyType) -> Result<KeyPair, CliError> {
     match key_type {
         KeyType::EcdsaP256 => KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256),
         KeyType::Rsa(bits) => KeyPair::generate_rsa_for(
@@ -199,9 +205,11 @@ fn new_key(key_type: KeyType) -> Result<KeyPair, Error> {
 }
 
 /// Validity from an hour ago (clock skew) for `days`, and a random serial.
-fn base_params(days: i64) -> Result<CertificateParams, Error> {
+fn base_params(days: i64) -> Result<CertificateParams, CliError> {
     if !(1..=36_500).contains(&days) {
-        return Err(Error::Certificate(format!("--days {days}: use 1 to 36500")));
+        return Err(CliError::Certificate(format!(
+            "--days {days}: use 1 to 36500"
+        )));
     }
     let mut params = CertificateParams::default();
     let now = OffsetDateTime::now_utc();
@@ -228,8 +236,8 @@ fn name(subject: &Subject, unit: &str, common_name: &str) -> DistinguishedName {
     name
 }
 
-fn parse_san(text: &str) -> Result<SanType, Error> {
-    let invalid = || Error::Certificate(format!("--san {text:?}: write DNS:name or IP:address"));
+fn parse_san(text: &str) -> Result<SanType, CliError> {
+    let invalid = || CliError::Certificate(format!("--san {text:?}: write DNS:name or IP:address"));
     let (kind, value) = match text.split_once(':') {
         Some((kind @ ("DNS" | "dns" | "IP" | "ip"), value)) => (kind.to_ascii_uppercase(), value),
         _ => match text.parse::<IpAddr>() {
@@ -246,16 +254,16 @@ fn parse_san(text: &str) -> Result<SanType, Error> {
     }
 }
 
-fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>, Error> {
+fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>, CliError> {
     let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
     let read = |path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| Error::Read {
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             var: "the CA".into(),
             path: path.to_owned(),
             source,
         })
     };
-    let missing = |path: &Path, what: &str| Error::Material {
+    let missing = |path: &Path, what: &str| ConfigError::Material {
         var: "the CA".into(),
         path: path.to_owned(),
         problem: format!("{what}: make the CA first with `propeller-mqtt certs ca`, or pass --dir"),
@@ -263,11 +271,16 @@ fn load_ca(dir: &Path) -> Result<Issuer<'static, KeyPair>, Error> {
     let (cert_pem, key_pem) = (read(&cert_path)?, read(&key_path)?);
     let key = KeyPair::from_pem(&key_pem)
         .map_err(|_| missing(&key_path, "is not an unencrypted PKCS#8 key"))?;
-    Issuer::from_ca_cert_pem(&cert_pem, key)
-        .map_err(|_| missing(&cert_path, "is not a PEM certificate"))
+    Ok(Issuer::from_ca_cert_pem(&cert_pem, key)
+        .map_err(|_| missing(&cert_path, "is not a PEM certificate"))?)
 }
 
-fn write_pair(out: &Output, stem: &str, cert_pem: &str, key: &KeyPair) -> Result<Written, Error> {
+fn write_pair(
+    out: &Output,
+    stem: &str,
+    cert_pem: &str,
+    key: &KeyPair,
+) -> Result<Written, CliError> {
     let written = Written {
         cert: out.dir.join(format!("{stem}.crt")),
         key: out.dir.join(format!("{stem}.key")),
@@ -275,7 +288,7 @@ fn write_pair(out: &Output, stem: &str, cert_pem: &str, key: &KeyPair) -> Result
     if !out.force {
         for path in [&written.cert, &written.key] {
             if path.exists() {
-                return Err(Error::WouldOverwrite { path: path.clone() });
+                return Err(CliError::WouldOverwrite { path: path.clone() });
             }
         }
     }
@@ -283,7 +296,7 @@ fn write_pair(out: &Output, stem: &str, cert_pem: &str, key: &KeyPair) -> Result
         None => key.serialize_pem(),
         Some(password) => encrypt(key, password)?,
     };
-    std::fs::create_dir_all(&out.dir).map_err(|source| Error::Write {
+    std::fs::create_dir_all(&out.dir).map_err(|source| CliError::Write {
         path: out.dir.clone(),
         source,
     })?;
@@ -294,25 +307,25 @@ fn write_pair(out: &Output, stem: &str, cert_pem: &str, key: &KeyPair) -> Result
 
 /// Encrypted PKCS#8 (PBES2: PBKDF2-SHA256, AES-256-CBC), what `openssl pkcs8
 /// -topk8` writes and what the services read with `..._KEY_PASSWORD`.
-fn encrypt(key: &KeyPair, password: &Secret) -> Result<String, Error> {
+fn encrypt(key: &KeyPair, password: &Secret) -> Result<String, CliError> {
     let der = key.serialize_der();
     let info = pkcs8::PrivateKeyInfo::try_from(der.as_slice())
-        .map_err(|e| Error::Certificate(format!("cannot re-read the new key: {e}")))?;
+        .map_err(|e| CliError::Certificate(format!("cannot re-read the new key: {e}")))?;
     let (mut salt, mut iv) = ([0u8; 16], [0u8; 16]);
     OsRng.fill_bytes(&mut salt);
     OsRng.fill_bytes(&mut iv);
     let params = pbes2::Parameters::pbkdf2_sha256_aes256cbc(PBKDF2_ROUNDS, &salt, &iv)
-        .map_err(|e| Error::Certificate(format!("cannot encrypt the key: {e}")))?;
+        .map_err(|e| CliError::Certificate(format!("cannot encrypt the key: {e}")))?;
     let document = info
         .encrypt_with_params(params, password.expose())
-        .map_err(|e| Error::Certificate(format!("cannot encrypt the key: {e}")))?;
+        .map_err(|e| CliError::Certificate(format!("cannot encrypt the key: {e}")))?;
     document
         .to_pem("ENCRYPTED PRIVATE KEY", LineEnding::LF)
         .map(|pem| pem.to_string())
-        .map_err(|e| Error::Certificate(format!("cannot encode the key: {e}")))
+        .map_err(|e| CliError::Certificate(format!("cannot encode the key: {e}")))
 }
 
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CliError> {
     let mut options = OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -324,12 +337,12 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         file.write_all(bytes)
     };
-    write().map_err(|source| Error::Write {
+    write().map_err(|source| CliError::Write {
         path: path.to_owned(),
         source,
     })
 }
 
-fn rcgen_error(error: rcgen::Error) -> Error {
-    Error::Certificate(format!("cannot make the certificate: {error}"))
+fn rcgen_error(error: rcgen::Error) -> CliError {
+    CliError::Certificate(format!("cannot make the certificate: {error}"))
 }

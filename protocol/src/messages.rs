@@ -1,4 +1,4 @@
-//! Propeller's messages: the topics under the channel base and their JSON
+//! The topics under the channel base and their JSON
 //! payloads, as upstream v0.5.0 sends and accepts them, so that our services
 //! and upstream's can share a channel in either direction.
 //!

@@ -9,9 +9,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use propeller_mqtt::certs::{self, KeyType, Output, RsaBits, Subject};
-use propeller_mqtt::config::Secret;
-use propeller_mqtt::{check, env_file, one_line, Error, Service};
+use propeller_mqtt::{env_file, one_line, ConfigError, Secret};
+use propeller_mqtt_cli::certs::{self, KeyType, Output, RsaBits, Subject};
+use propeller_mqtt_cli::{check, CliError};
+use propeller_protocol::Service;
 
 #[derive(Parser)]
 #[command(
@@ -134,7 +135,7 @@ fn run_check(
     services: Vec<ServiceArg>,
     env_file: Option<PathBuf>,
     json: bool,
-) -> Result<ExitCode, Error> {
+) -> Result<ExitCode, CliError> {
     let (vars, _) = env_file::service_vars(env_file.as_deref())?;
     let mut services: Vec<Service> = services.into_iter().map(Service::from).collect();
     if services.is_empty() {
@@ -147,15 +148,16 @@ fn run_check(
             .collect();
     }
     if services.is_empty() {
-        return Err(Error::Missing {
+        return Err(ConfigError::Missing {
             var: "MANAGER_*, PROPLET_* or PROXY_*".into(),
             fix: "pass --env-file, or --service to check one with its defaults",
-        });
+        }
+        .into());
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(Error::Runtime)?;
+        .map_err(CliError::Runtime)?;
     let reports: Vec<check::Report> = services
         .into_iter()
         .map(|service| runtime.block_on(check::run(service, vars.clone())))
@@ -184,7 +186,7 @@ fn run_certs(
     rsa: Option<u32>,
     days: Option<i64>,
     kind: CertKind,
-) -> Result<(), Error> {
+) -> Result<(), CliError> {
     let key_password = encrypt_key.map(|var| secret_from_env(&var)).transpose()?;
     let key_type = match rsa {
         None => KeyType::EcdsaP256,
@@ -192,7 +194,7 @@ fn run_certs(
         Some(3072) => KeyType::Rsa(RsaBits::B3072),
         Some(4096) => KeyType::Rsa(RsaBits::B4096),
         Some(bits) => {
-            return Err(Error::Certificate(format!(
+            return Err(CliError::Certificate(format!(
                 "--rsa {bits}: use 2048, 3072 or 4096"
             )))
         }
@@ -249,12 +251,13 @@ fn run_certs(
     Ok(())
 }
 
-fn secret_from_env(var: &str) -> Result<Secret, Error> {
+fn secret_from_env(var: &str) -> Result<Secret, CliError> {
     match std::env::var(var) {
         Ok(value) if !value.is_empty() => Ok(Secret::new(value)),
-        _ => Err(Error::Missing {
+        _ => Err(ConfigError::Missing {
             var: var.to_owned(),
             fix: "export it with the value to use",
-        }),
+        }
+        .into()),
     }
 }

@@ -10,8 +10,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
-use crate::tls::Parts;
-use crate::Error;
+use propeller_mqtt::tls::Parts;
+use propeller_mqtt::ConfigError;
 
 pub(super) struct Watched {
     verifier: Arc<RecordChain>,
@@ -32,7 +32,7 @@ impl Watched {
         }
     }
 
-    pub fn client_config(&self, parts: &Parts) -> Result<ClientConfig, Error> {
+    pub fn client_config(&self, parts: &Parts) -> Result<ClientConfig, ConfigError> {
         parts.assemble(self.verifier.clone(), Some(self.resolver.clone()))
     }
 

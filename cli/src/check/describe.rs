@@ -7,8 +7,9 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate, X509Name};
 use x509_parser::public_key::PublicKey;
 
 use super::Checker;
-use crate::config::{Config, IdentityFiles};
-use crate::tls::days_until;
+use propeller_mqtt::tls::days_until;
+use propeller_mqtt::IdentityFiles;
+use propeller_protocol::ServiceConfig;
 
 /// A CA certificate: subject and expiry; `true` when it has expired.
 pub(super) fn ca(cert: &X509Certificate<'_>) -> (String, bool) {
@@ -34,7 +35,7 @@ pub(super) fn broker(cert: &X509Certificate<'_>) -> String {
 /// key file. The files were already loaded and checked by the TLS setup.
 pub(super) fn client(
     c: &mut Checker,
-    config: &Config,
+    config: &ServiceConfig,
     files: &IdentityFiles,
     ca_certs: &[CertificateDer<'_>],
 ) {
@@ -116,7 +117,7 @@ pub(super) fn client(
         .and_then(|cn| cn.as_str().ok());
     let key_var = service.var("CLIENT_KEY");
     match cn {
-        Some(cn) if config.client_key.expose().ends_with(cn) => c.ok("cn rule", format!("{key_var} ends with the certificate's CN")),
+        Some(cn) if config.mqtt.client_key.expose().ends_with(cn) => c.ok("cn rule", format!("{key_var} ends with the certificate's CN")),
         _ => c.warn(
             "cn rule",
             format!("{key_var} does not end with the certificate's CN: a Magistrala mTLS edge will close the connection"),

@@ -1,11 +1,12 @@
+use std::time::Duration;
+
 use super::*;
+use crate::{Mode, QoS};
 
 fn vars(extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut vars: Vec<(String, String)> = [
         ("PROPLET_CLIENT_ID", "proplet-1"),
         ("PROPLET_CLIENT_KEY", "s3cret-key"),
-        ("PROPLET_DOMAIN_ID", "dom"),
-        ("PROPLET_CHANNEL_ID", "chan"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -17,8 +18,13 @@ fn vars(extra: &[(&str, &str)]) -> Vec<(String, String)> {
     vars
 }
 
-fn parse(extra: &[(&str, &str)]) -> Result<Config, Error> {
-    Config::from_vars(Service::Proplet, vars(extra))
+/// The front end under `PROPLET_`, with one variable of the caller's own.
+fn parse_env(extra: &[(&str, &str)]) -> Result<EnvConfig, ConfigError> {
+    EnvConfig::from_vars("PROPLET_", &["LIVELINESS_INTERVAL"], vars(extra))
+}
+
+fn parse(extra: &[(&str, &str)]) -> Result<Options, ConfigError> {
+    parse_env(extra).map(|config| config.options)
 }
 
 fn error(extra: &[(&str, &str)]) -> String {
@@ -36,10 +42,7 @@ fn defaults_follow_upstream() {
     assert_eq!(config.connect_timeout, Duration::from_secs(30));
     assert_eq!(config.keep_alive, Duration::from_secs(30));
     assert_eq!(config.max_packet_size, 10 << 20);
-    assert_eq!(
-        config.channel.topic("control/manager/start"),
-        "m/dom/c/chan/control/manager/start"
-    );
+    assert_eq!(config.names.var("MQTT_QOS"), "PROPLET_MQTT_QOS");
 }
 
 #[test]
@@ -86,17 +89,11 @@ fn other_services_variables_are_ignored() {
 
 #[test]
 fn newer_upstream_names_are_aliases() {
-    let mut env = vars(&[]);
-    env.retain(|(k, _)| k == "PROPLET_CHANNEL_ID");
-    env.extend([
-        ("PROPLET_ENTITY_ID".into(), "e".into()),
-        ("PROPLET_API_KEY".into(), "k".into()),
-        ("PROPLET_TENANT_ID".into(), "t".into()),
-    ]);
-    let config = Config::from_vars(Service::Proplet, env).unwrap();
+    let env = [("PROPLET_ENTITY_ID", "e"), ("PROPLET_API_KEY", "k")];
+    let config = EnvConfig::from_vars("PROPLET_", &[], env).unwrap().options;
     assert_eq!(
-        (config.client_id.as_str(), config.channel.domain_id.as_str()),
-        ("e", "t")
+        (config.client_id.as_str(), config.client_key.expose()),
+        ("e", "k")
     );
     let conflict = error(&[("PROPLET_API_KEY", "other")]);
     assert!(
@@ -121,7 +118,6 @@ fn each_bad_value_names_its_variable_and_the_fix() {
         ("PROPLET_MQTT_MAX_PACKET_SIZE", "huge", "number of bytes"),
         ("PROPLET_MQTT_MAX_PACKET_SIZE", "1GiB", "unknown unit"),
         ("PROPLET_MQTT_MAX_PACKET_SIZE", "300MiB", "MQTT's limit"),
-        ("PROPLET_DOMAIN_ID", "a/b", "cannot contain"),
         ("PROPLET_CLIENT_ID", " x", "whitespace"),
         ("PROPLET_MQTT_OUTBOX_LIMIT", "0", "at least 1"),
         ("PROPLET_MQTT_ADDRESS", "tcp://a,ssl://b", "mixes plain"),
@@ -138,15 +134,10 @@ fn each_bad_value_names_its_variable_and_the_fix() {
 
 #[test]
 fn missing_identity_says_what_to_set() {
-    for var in [
-        "PROPLET_CLIENT_ID",
-        "PROPLET_CLIENT_KEY",
-        "PROPLET_DOMAIN_ID",
-        "PROPLET_CHANNEL_ID",
-    ] {
+    for var in ["PROPLET_CLIENT_ID", "PROPLET_CLIENT_KEY"] {
         let mut env = vars(&[]);
         env.retain(|(k, _)| k != var);
-        let message = Config::from_vars(Service::Proplet, env)
+        let message = EnvConfig::from_vars("PROPLET_", &[], env)
             .unwrap_err()
             .to_string();
         assert!(
@@ -257,18 +248,6 @@ fn a_list_of_brokers() {
 }
 
 #[test]
-fn channel_suffix_is_the_inverse_of_topic() {
-    let channel = Channel {
-        domain_id: "d".into(),
-        channel_id: "c".into(),
-    };
-    let topic = channel.topic("control/proplet/alive");
-    assert_eq!(channel.suffix(&topic), Some("control/proplet/alive"));
-    assert_eq!(channel.suffix("m/d/c/other/control/proplet/alive"), None);
-    assert_eq!(channel.suffix("m/d/c/c"), None);
-}
-
-#[test]
 fn every_listed_variable_is_read_and_others_are_reported() {
     // RawEnv denies unknown fields: a listed name it lacks would fail here.
     let all: Vec<(String, String)> = VARIABLES
@@ -277,15 +256,16 @@ fn every_listed_variable_is_read_and_others_are_reported() {
         .collect();
     let raw: Result<RawEnv, _> = envy::prefixed("PROPLET_").from_iter(all);
     assert!(raw.is_ok(), "{:?}", raw.err());
-    let config = parse(&[
+    let config = parse_env(&[
         ("PROPLET_MQTT_TLS_CA_CRT", "/ca.crt"),
         ("PROPLET_LIVELINESS_INTERVAL", "10s"),
     ])
     .unwrap();
-    // The proplet's own settings are neither unknown nor the connection's.
+    // The caller's own settings are neither unknown nor the connection's.
     assert_eq!(config.unknown, ["PROPLET_MQTT_TLS_CA_CRT"]);
     assert_eq!(config.settings.get("LIVELINESS_INTERVAL"), Some("10s"));
     assert_eq!(config.settings.var("TASK_TIMEOUT"), "PROPLET_TASK_TIMEOUT");
+    assert!(config.settings.required("TASK_TIMEOUT", "set it").is_err());
     let error = config
         .settings
         .parse("LIVELINESS_INTERVAL", 0, |_| Err::<u8, _>("no".to_owned()))
@@ -294,18 +274,6 @@ fn every_listed_variable_is_read_and_others_are_reported() {
         error.to_string(),
         "PROPLET_LIVELINESS_INTERVAL=\"10s\" is not valid: no"
     );
-    let manager = Config::from_vars(
-        Service::Manager,
-        [
-            ("MANAGER_CLIENT_ID", "m"),
-            ("MANAGER_CLIENT_KEY", "k"),
-            ("MANAGER_DOMAIN_ID", "d"),
-            ("MANAGER_CHANNEL_ID", "c"),
-            ("MANAGER_CHUNK_SIZE", "1"),
-        ],
-    )
-    .unwrap();
-    assert_eq!(manager.unknown, ["MANAGER_CHUNK_SIZE"]);
 }
 
 #[test]
@@ -329,7 +297,7 @@ fn a_huge_pem_file_is_refused_unread() {
         ("PROPLET_MQTT_TLS_CA_CERT", huge.to_str().unwrap()),
     ])
     .unwrap();
-    let Err(error) = crate::tls::TlsSetup::load(&config) else {
+    let Err(error) = config.load_tls() else {
         panic!("a 1 GiB CA was accepted");
     };
     let message = crate::one_line(&error);
@@ -354,7 +322,7 @@ fn a_ca_path_that_is_not_a_regular_file_is_refused() {
             ("PROPLET_MQTT_TLS_CA_CERT", path.to_str().unwrap()),
         ])
         .unwrap();
-        let Err(error) = crate::tls::TlsSetup::load(&config) else {
+        let Err(error) = config.load_tls() else {
             panic!("{path:?} was accepted as a CA");
         };
         let message = crate::one_line(&error);
