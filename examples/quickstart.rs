@@ -1061,7 +1061,7 @@ async fn relay(
             .and_then(|chain| chain.first())
             .and_then(|leaf| common_name(leaf.as_ref()));
         let allowed = match (connect_password(&first), cn) {
-            (Some(password), Some(cn)) => password.ends_with(cn.as_bytes()),
+            (Some(password), Some(cn)) => password.ends_with(&cn),
             _ => false,
         };
         if !allowed {
@@ -1089,46 +1089,10 @@ fn common_name(der: &[u8]) -> Option<String> {
 }
 
 /// The password of an MQTT 3.1.1 CONNECT that arrived whole, or `None`.
-fn connect_password(packet: &[u8]) -> Option<&[u8]> {
-    if packet.first()? & 0xf0 != 0x10 {
-        return None;
+fn connect_password(packet: &[u8]) -> Option<String> {
+    let mut bytes = bytes::BytesMut::from(packet);
+    match rumqttc::mqttbytes::v4::Packet::read(&mut bytes, packet.len()).ok()? {
+        rumqttc::mqttbytes::v4::Packet::Connect(connect) => Some(connect.login?.password),
+        _ => None,
     }
-    let (mut at, mut remaining, mut shift) = (1usize, 0usize, 0u32);
-    loop {
-        let byte = *packet.get(at)?;
-        at += 1;
-        remaining += usize::from(byte & 0x7f) << shift;
-        shift += 7;
-        if byte & 0x80 == 0 {
-            break;
-        }
-        if shift > 21 {
-            return None;
-        }
-    }
-    if packet.len() < at + remaining {
-        return None;
-    }
-    let field = |at: &mut usize| -> Option<&[u8]> {
-        let length = usize::from(u16::from_be_bytes([
-            *packet.get(*at)?,
-            *packet.get(*at + 1)?,
-        ]));
-        let value = packet.get(*at + 2..*at + 2 + length)?;
-        *at += 2 + length;
-        Some(value)
-    };
-    field(&mut at)?; // protocol name
-    let flags = *packet.get(at + 1)?;
-    at += 4; // level, flags, keep-alive
-    if flags & 0xc0 != 0xc0 {
-        return None;
-    }
-    field(&mut at)?; // client id
-    if flags & 0x04 != 0 {
-        field(&mut at)?; // will topic
-        field(&mut at)?; // will message
-    }
-    field(&mut at)?; // username
-    field(&mut at)
 }

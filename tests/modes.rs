@@ -1,6 +1,8 @@
 //! Every service binary connects in every mode: plain to mosquitto, MQTTS to
 //! mosquitto's TLS listener, mTLS through the nginx edge and to mosquitto's
 //! `require_certificate` listener. Each is a real process; we assert its log.
+//! So does a service that is not Propeller's: the connection crate's
+//! `sensor` example, configured by `SENSOR_*` variables.
 
 use std::time::Duration;
 
@@ -133,6 +135,77 @@ fn mtls_to_mosquitto_every_service() {
         "mtls",
         |lab, env, identity| {
             env.mtls(lab.broker.mtls, lab.pki, identity);
+        },
+    );
+}
+
+/// The `sensor` example, a third party's service on the connection crate,
+/// connects in `mode` from its own `SENSOR_*` variables and has its
+/// readings acknowledged by the broker.
+fn the_sensor_example_connects(
+    test: &str,
+    expected_mode: &str,
+    mode: impl Fn(&Lab, &mut Env, &propeller_tests::Identity),
+) {
+    if !servers_available(test) {
+        return;
+    }
+    let lab = lab();
+    let identity = lab.pki.identity("proplet");
+    let mut env = Env::new("SENSOR", &identity);
+    // Propeller's channel is not the sensor's business.
+    env.vars
+        .retain(|(name, _)| name != "SENSOR_DOMAIN_ID" && name != "SENSOR_CHANNEL_ID");
+    env.set("TOPIC", "m/dom/c/chan/sensor/readings")
+        .set("READINGS", "5");
+    mode(&lab, &mut env, &identity);
+    let mut sensor = ServiceProcess::start("examples/sensor", &env.vars);
+    let status = sensor.wait(Duration::from_secs(30));
+    let output = sensor.output();
+    assert!(
+        status.success(),
+        "the sensor exited with {status}:\n{output}"
+    );
+    assert!(
+        output.contains(&format!("sensor: connected, mode={expected_mode}")),
+        "{output}"
+    );
+    assert!(
+        output.contains("sensor: 5 readings acknowledged"),
+        "{output}"
+    );
+    assert!(!output.contains("is not a variable"), "{output}");
+    assert!(
+        !output.contains(identity.secret.as_str()),
+        "the sensor printed its client key:\n{output}"
+    );
+}
+
+#[test]
+fn the_sensor_example_over_plain_mqtt() {
+    the_sensor_example_connects(
+        "the_sensor_example_over_plain_mqtt",
+        "plain",
+        |lab, env, _| {
+            env.plain(lab.broker.plain);
+        },
+    );
+}
+
+#[test]
+fn the_sensor_example_over_mqtts() {
+    the_sensor_example_connects("the_sensor_example_over_mqtts", "tls", |lab, env, _| {
+        env.tls(lab.key_edge.port, lab.pki);
+    });
+}
+
+#[test]
+fn the_sensor_example_over_mtls_through_the_edge() {
+    the_sensor_example_connects(
+        "the_sensor_example_over_mtls_through_the_edge",
+        "mtls",
+        |lab, env, identity| {
+            env.mtls(lab.edge.port, lab.pki, identity);
         },
     );
 }

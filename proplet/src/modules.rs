@@ -15,7 +15,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use propeller_mqtt::{Client, ClientError};
 use propeller_protocol::Untrusted;
-use propeller_protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest};
+use propeller_protocol::{payload, topic, ModuleChunk, ModuleError, ModuleRequest, MAX_MODULE};
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -23,8 +23,6 @@ use tracing::{debug, info, warn};
 pub const WAIT: Duration = Duration::from_secs(60);
 /// How long a partial set of chunks is kept, in case a later task asks again.
 pub const KEEP_PARTIAL: Duration = Duration::from_secs(300);
-/// The largest module we reassemble: 512 chunks of upstream's size.
-const MAX_MODULE: usize = 256 << 20;
 /// The most chunks a module may come in: a 256 MiB module in 256-byte chunks.
 const MAX_CHUNKS: usize = 1 << 20;
 /// The bytes all partial modules together may hold.

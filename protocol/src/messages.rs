@@ -50,6 +50,10 @@ pub fn payload(message: &impl Serialize) -> Bytes {
     Bytes::from(serde_json::to_vec(message).unwrap_or_default())
 }
 
+/// The largest module the proxy serves and a proplet reassembles: 512 of
+/// upstream's 512 KiB chunks.
+pub const MAX_MODULE: usize = 256 << 20;
+
 /// The most bytes of an error text a result or a module error carries: an
 /// error that echoes a huge input must still fit in one packet.
 pub const MAX_ERROR: usize = 4096;

@@ -12,8 +12,7 @@ use bytes::Bytes;
 
 use crate::http::HttpSource;
 
-/// The largest module the proxy serves.
-pub const MAX_MODULE: usize = 256 << 20;
+pub use propeller_protocol::MAX_MODULE;
 
 /// The longest `app_name` answered; longer ones are not echoed to the
 /// channel, where every client would receive them.

@@ -51,7 +51,8 @@ pub fn binary(name: &str) -> PathBuf {
         .to_owned();
     BUILD.call_once(|| {
         let mut build = nested_cargo();
-        // The services, and the `propeller-mqtt` tool.
+        // The services, the `propeller-mqtt` tool, and the connection
+        // crate's examples (`binary("examples/sensor")`).
         build.args([
             "build",
             "-q",
@@ -63,6 +64,10 @@ pub fn binary(name: &str) -> PathBuf {
             "proxy",
             "-p",
             "propeller-mqtt-cli",
+            "-p",
+            "propeller-mqtt",
+            "--bins",
+            "--examples",
         ]);
         if profile_dir.ends_with("release") {
             build.arg("--release");

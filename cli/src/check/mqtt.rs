@@ -1,8 +1,14 @@
-//! Step 6: MQTT CONNECT and CONNACK, written out by hand so that every answer,
-//! or the lack of one, can be reported.
+//! Step 6: MQTT CONNECT and CONNACK, one packet each way through
+//! rumqttc's own codec, so that every answer, or the lack of one, can be
+//! reported.
 
 use std::time::Instant;
 
+use bytes::BytesMut;
+use rumqttc::mqttbytes::{
+    self,
+    v4::{Connect, ConnectReturnCode, Packet},
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{ms, Checker, Stop};
@@ -18,7 +24,8 @@ pub(super) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
         &config.mqtt.client_id,
         config.mqtt.client_key.expose(),
         config.mqtt.keep_alive.as_secs() as u16,
-    );
+    )
+    .map_err(|e| c.fail("mqtt", format!("cannot encode CONNECT: {e}"), None))?;
     let started = Instant::now();
     // One write: Magistrala's edge parses CONNECT from the first chunk it sees.
     if let Err(e) = write(&mut stream, &packet).await {
@@ -26,19 +33,18 @@ pub(super) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
             Failure::from_io(&e, config.mqtt.mode()).unwrap_or(Failure::ClosedBeforeConnAck);
         return Err(c.failure("mqtt", &failure));
     }
-    let mut connack = [0u8; 4];
-    let read =
-        tokio::time::timeout(config.mqtt.connect_timeout, stream.read_exact(&mut connack)).await;
+    let read = tokio::time::timeout(config.mqtt.connect_timeout, read_packet(&mut stream)).await;
     let failure = match read {
         Err(_) => Failure::Timeout,
-        Ok(Err(e)) => {
+        Ok(Err(Answer::Io(e))) => {
             Failure::from_io(&e, config.mqtt.mode()).unwrap_or(Failure::ClosedBeforeConnAck)
         }
-        Ok(Ok(_)) if connack[..2] != [0x20, 0x02] => Failure::Refused(format!(
-            "the broker answered CONNECT with bytes {connack:02x?}, not a CONNACK"
+        Ok(Err(Answer::Closed)) => Failure::ClosedBeforeConnAck,
+        Ok(Err(Answer::NotMqtt(e))) => Failure::Refused(format!(
+            "the broker answered CONNECT with something that is not MQTT ({e:?})"
         )),
-        Ok(Ok(_)) => match connack[3] {
-            0 => {
+        Ok(Ok(Packet::ConnAck(connack))) => match connack.code {
+            ConnectReturnCode::Success => {
                 c.ok(
                     "mqtt",
                     format!("CONNACK: connection accepted, in {}", ms(started)),
@@ -47,14 +53,18 @@ pub(super) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
                 let _ = stream.shutdown().await;
                 return Ok(());
             }
-            4 | 5 => Failure::NotAuthorized,
-            1 => Failure::Refused(
+            ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword => {
+                Failure::NotAuthorized
+            }
+            ConnectReturnCode::RefusedProtocolVersion => Failure::Refused(
                 "unacceptable protocol version (the broker wants another MQTT version)".into(),
             ),
-            2 => Failure::Refused("client identifier rejected".into()),
-            3 => Failure::Refused("server unavailable".into()),
-            code => Failure::Refused(format!("return code {code}")),
+            ConnectReturnCode::BadClientId => Failure::Refused("client identifier rejected".into()),
+            ConnectReturnCode::ServiceUnavailable => Failure::Refused("server unavailable".into()),
         },
+        Ok(Ok(other)) => Failure::Refused(format!(
+            "the broker answered CONNECT with {other:?}, not a CONNACK"
+        )),
     };
     Err(c.failure("mqtt", &failure))
 }
@@ -64,50 +74,82 @@ async fn write<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::
     stream.flush().await
 }
 
-/// An MQTT 3.1.1 CONNECT with clean session, username and password.
-fn connect_packet(client_id: &str, password: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = vec![0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xc2];
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    for field in [client_id, client_id, password] {
-        body.extend_from_slice(&(field.len() as u16).to_be_bytes());
-        body.extend_from_slice(field.as_bytes());
-    }
-    let mut packet = vec![0x10];
-    let mut remaining = body.len();
+/// An MQTT 3.1.1 CONNECT with clean session, and the client id as the
+/// username, as the services send it.
+fn connect_packet(
+    client_id: &str,
+    password: &str,
+    keep_alive: u16,
+) -> Result<BytesMut, mqttbytes::Error> {
+    let mut connect = Connect::new(client_id);
+    connect.keep_alive = keep_alive;
+    connect.clean_session = true;
+    connect.set_login(client_id, password);
+    let mut packet = BytesMut::new();
+    connect.write(&mut packet)?;
+    Ok(packet)
+}
+
+/// Why no packet came back.
+enum Answer {
+    Io(std::io::Error),
+    Closed,
+    NotMqtt(mqttbytes::Error),
+}
+
+/// The broker's first packet. A CONNACK is 4 bytes; anything much longer
+/// is not an answer to CONNECT.
+async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Packet, Answer> {
+    const MAX_ANSWER: usize = 1024;
+    let mut buffer = BytesMut::with_capacity(64);
     loop {
-        let mut byte = (remaining % 128) as u8;
-        remaining /= 128;
-        if remaining > 0 {
-            byte |= 0x80;
+        match Packet::read(&mut buffer, MAX_ANSWER) {
+            Ok(packet) => return Ok(packet),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(Answer::NotMqtt(e)),
         }
-        packet.push(byte);
-        if remaining == 0 {
-            break;
+        match stream.read_buf(&mut buffer).await {
+            Ok(0) => return Err(Answer::Closed),
+            Ok(_) => {}
+            Err(e) => return Err(Answer::Io(e)),
         }
     }
-    packet.extend(body);
-    packet
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// What we send decodes as the CONNECT we meant, with mqttbytes' own reader.
     #[test]
-    fn connect_packet_layout() {
-        let packet = connect_packet("id", "pw", 30);
-        assert_eq!(packet[0], 0x10);
-        assert_eq!(packet[1] as usize, packet.len() - 2);
-        assert_eq!(
-            &packet[2..12],
-            &[0, 4, b'M', b'Q', b'T', b'T', 4, 0xc2, 0, 30]
-        );
-        assert_eq!(
-            &packet[12..],
-            &[0, 2, b'i', b'd', 0, 2, b'i', b'd', 0, 2, b'p', b'w']
-        );
-        // Long fields need a two-byte remaining length.
-        let long = connect_packet("id", &"x".repeat(200), 30);
-        assert_eq!(long[1] & 0x80, 0x80);
+    fn connect_packet_round_trips() {
+        let long = "x".repeat(200);
+        for password in ["pw", long.as_str()] {
+            let mut packet = connect_packet("id", password, 30).unwrap();
+            let size = packet.len();
+            let Packet::Connect(connect) = Packet::read(&mut packet, size).unwrap() else {
+                panic!("not a CONNECT");
+            };
+            assert_eq!((connect.client_id.as_str(), connect.keep_alive), ("id", 30));
+            assert!(connect.clean_session);
+            let login = connect.login.unwrap();
+            assert_eq!(
+                (login.username.as_str(), login.password.as_str()),
+                ("id", password)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_are_read_whole_or_named() {
+        let (mut ours, mut theirs) = tokio::io::duplex(64);
+        theirs.write_all(&[0x20, 0x02, 0x00]).await.unwrap();
+        theirs.write_all(&[0x05]).await.unwrap();
+        let Ok(Packet::ConnAck(connack)) = read_packet(&mut ours).await else {
+            panic!("a CONNACK in two pieces is one CONNACK");
+        };
+        assert_eq!(connack.code, ConnectReturnCode::NotAuthorized);
+        drop(theirs);
+        assert!(matches!(read_packet(&mut ours).await, Err(Answer::Closed)));
     }
 }
