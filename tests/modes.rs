@@ -40,13 +40,45 @@ fn lab() -> Lab {
     }
 }
 
-/// Starts every service with the env `mode` makes, and checks each logs the
+/// Where a client connects, and the mode it must report there.
+#[derive(Clone, Copy)]
+enum Route {
+    /// Plain MQTT to mosquitto.
+    Plain,
+    /// MQTTS to mosquitto's TLS listener.
+    Mqtts,
+    /// MQTTS through the `AUTH=key` edge.
+    MqttsEdge,
+    /// mTLS through the `AUTH=x509` edge (client certificate and CN check).
+    MtlsEdge,
+    /// mTLS to mosquitto's `require_certificate` listener.
+    MtlsMosquitto,
+}
+
+impl Route {
+    fn mode(self) -> &'static str {
+        match self {
+            Route::Plain => "plain",
+            Route::Mqtts | Route::MqttsEdge => "tls",
+            Route::MtlsEdge | Route::MtlsMosquitto => "mtls",
+        }
+    }
+
+    fn apply(self, lab: &Lab, env: &mut Env, identity: &propeller_tests::Identity) {
+        match self {
+            Route::Plain => env.plain(lab.broker.plain),
+            Route::Mqtts => env.tls(lab.broker.tls, lab.pki),
+            Route::MqttsEdge => env.tls(lab.key_edge.port, lab.pki),
+            Route::MtlsEdge => env.mtls(lab.edge.port, lab.pki, identity),
+            Route::MtlsMosquitto => env.mtls(lab.broker.mtls, lab.pki, identity),
+        };
+    }
+}
+
+/// Starts every service with the env `route` makes, and checks each logs the
 /// connection with the mode's name, then stops cleanly on SIGTERM.
-fn every_service_connects(
-    test: &str,
-    expected_mode: &str,
-    mode: impl Fn(&Lab, &mut Env, &propeller_tests::Identity),
-) {
+fn every_service_connects(test: &str, route: Route) {
+    let expected_mode = route.mode();
     if !servers_available(test) {
         return;
     }
@@ -56,7 +88,7 @@ fn every_service_connects(
         .map(|(name, prefix)| {
             let identity = lab.pki.identity(name);
             let mut env = Env::new(prefix, &identity);
-            mode(&lab, &mut env, &identity);
+            route.apply(&lab, &mut env, &identity);
             (
                 *name,
                 identity.secret.clone(),
@@ -94,59 +126,34 @@ fn every_service_connects(
 
 #[test]
 fn plain_mqtt_every_service() {
-    every_service_connects("plain_mqtt_every_service", "plain", |lab, env, _| {
-        env.plain(lab.broker.plain);
-    });
+    every_service_connects("plain_mqtt_every_service", Route::Plain);
 }
 
 #[test]
 fn mqtts_every_service() {
-    every_service_connects("mqtts_every_service", "tls", |lab, env, _| {
-        env.tls(lab.broker.tls, lab.pki);
-    });
+    every_service_connects("mqtts_every_service", Route::Mqtts);
 }
 
 #[test]
 fn mqtts_through_the_edge_every_service() {
-    every_service_connects(
-        "mqtts_through_the_edge_every_service",
-        "tls",
-        |lab, env, _| {
-            env.tls(lab.key_edge.port, lab.pki);
-        },
-    );
+    every_service_connects("mqtts_through_the_edge_every_service", Route::MqttsEdge);
 }
 
 #[test]
 fn mtls_through_the_edge_every_service() {
-    every_service_connects(
-        "mtls_through_the_edge_every_service",
-        "mtls",
-        |lab, env, identity| {
-            env.mtls(lab.edge.port, lab.pki, identity);
-        },
-    );
+    every_service_connects("mtls_through_the_edge_every_service", Route::MtlsEdge);
 }
 
 #[test]
 fn mtls_to_mosquitto_every_service() {
-    every_service_connects(
-        "mtls_to_mosquitto_every_service",
-        "mtls",
-        |lab, env, identity| {
-            env.mtls(lab.broker.mtls, lab.pki, identity);
-        },
-    );
+    every_service_connects("mtls_to_mosquitto_every_service", Route::MtlsMosquitto);
 }
 
 /// The `sensor` example, a third party's service on the connection crate,
-/// connects in `mode` from its own `SENSOR_*` variables and has its
+/// connects by `route` from its own `SENSOR_*` variables and has its
 /// readings acknowledged by the broker.
-fn the_sensor_example_connects(
-    test: &str,
-    expected_mode: &str,
-    mode: impl Fn(&Lab, &mut Env, &propeller_tests::Identity),
-) {
+fn the_sensor_example_connects(test: &str, route: Route) {
+    let expected_mode = route.mode();
     if !servers_available(test) {
         return;
     }
@@ -158,7 +165,7 @@ fn the_sensor_example_connects(
         .retain(|(name, _)| name != "SENSOR_DOMAIN_ID" && name != "SENSOR_CHANNEL_ID");
     env.set("TOPIC", "m/dom/c/chan/sensor/readings")
         .set("READINGS", "5");
-    mode(&lab, &mut env, &identity);
+    route.apply(&lab, &mut env, &identity);
     let mut sensor = ServiceProcess::start("examples/sensor", &env.vars);
     let status = sensor.wait(Duration::from_secs(30));
     let output = sensor.output();
@@ -183,29 +190,18 @@ fn the_sensor_example_connects(
 
 #[test]
 fn the_sensor_example_over_plain_mqtt() {
-    the_sensor_example_connects(
-        "the_sensor_example_over_plain_mqtt",
-        "plain",
-        |lab, env, _| {
-            env.plain(lab.broker.plain);
-        },
-    );
+    the_sensor_example_connects("the_sensor_example_over_plain_mqtt", Route::Plain);
 }
 
 #[test]
 fn the_sensor_example_over_mqtts() {
-    the_sensor_example_connects("the_sensor_example_over_mqtts", "tls", |lab, env, _| {
-        env.tls(lab.key_edge.port, lab.pki);
-    });
+    the_sensor_example_connects("the_sensor_example_over_mqtts", Route::MqttsEdge);
 }
 
 #[test]
 fn the_sensor_example_over_mtls_through_the_edge() {
     the_sensor_example_connects(
         "the_sensor_example_over_mtls_through_the_edge",
-        "mtls",
-        |lab, env, identity| {
-            env.mtls(lab.edge.port, lab.pki, identity);
-        },
+        Route::MtlsEdge,
     );
 }

@@ -3,18 +3,6 @@
 
 use proptest::prelude::*;
 
-fn cases(default: u32) -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    ProptestConfig {
-        cases,
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
 /// JSON that looks like Propeller's payloads: the right keys with values of
 /// any type, nulls, nesting, and plain garbage.
 fn payload_json() -> impl Strategy<Value = Vec<u8>> {
@@ -69,7 +57,11 @@ fn payload_json() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(cases(512))]
+    #![proptest_config(ProptestConfig {
+        cases: 512,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     /// Every inbound payload parser returns a value or an error, whatever
     /// arrives on the channel.
