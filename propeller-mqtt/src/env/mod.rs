@@ -49,11 +49,20 @@ pub struct EnvConfig {
 }
 
 /// The caller's own variables, for it to parse; every parse names the
-/// variable in its error.
-#[derive(Debug, Clone, Default)]
+/// variable in its error. Its `Debug` shows which are set, never their
+/// values: one of them may be a password (the manager's `POSTGRES_PASS`).
+#[derive(Clone, Default)]
 pub struct Settings {
     names: Names,
     values: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut set: Vec<String> = self.values.keys().map(|k| self.names.var(k)).collect();
+        set.sort();
+        f.debug_struct("Settings").field("set", &set).finish()
+    }
 }
 
 impl Settings {

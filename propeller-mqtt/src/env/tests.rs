@@ -329,3 +329,17 @@ fn a_ca_path_that_is_not_a_regular_file_is_refused() {
         assert!(message.contains("not a regular file"), "{message}");
     }
 }
+
+/// A caller's own variable may be a password: Debug names it, never shows it.
+#[test]
+fn own_settings_are_not_shown_by_debug() {
+    let config = EnvConfig::from_vars(
+        "PROPLET_",
+        &["DB_PASS"],
+        vars(&[("PROPLET_DB_PASS", "hunter2-db")]),
+    )
+    .unwrap();
+    let debug = format!("{config:?}");
+    assert!(debug.contains("PROPLET_DB_PASS"), "{debug}");
+    assert!(!debug.contains("hunter2-db"), "{debug}");
+}
