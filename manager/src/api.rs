@@ -61,6 +61,7 @@ const MAX_CONNECTIONS: usize = 256;
 /// Serves the API on `listener` until the process stops.
 pub async fn serve(listener: TcpListener, manager: Arc<Manager>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let bodies = Arc::new(Semaphore::new(BODY_SLOTS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -74,11 +75,11 @@ pub async fn serve(listener: TcpListener, manager: Arc<Manager>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let manager = manager.clone();
+        let (manager, bodies) = (manager.clone(), bodies.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let manager = manager.clone();
-                async move { Ok::<_, Infallible>(route(&manager, request).await) }
+                let (manager, bodies) = (manager.clone(), bodies.clone());
+                async move { Ok::<_, Infallible>(route(&manager, &bodies, request).await) }
             });
             if let Err(error) = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -122,7 +123,12 @@ fn ok(value: impl serde::Serialize) -> Reply {
     Reply::Json(StatusCode::OK, json!(value))
 }
 
-async fn route(manager: &Arc<Manager>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+/// `bodies` limits how many request bodies are read at once.
+async fn route(
+    manager: &Arc<Manager>,
+    bodies: &Semaphore,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let method = request.method().clone();
     let path = request.uri().path().trim_end_matches('/').to_owned();
     let query = request.uri().query().unwrap_or_default().to_owned();
@@ -160,7 +166,7 @@ async fn route(manager: &Arc<Manager>, request: Request<Incoming>) -> Response<F
             },
             Err(reply) => reply,
         },
-        (&Method::POST, ["tasks"]) => match read_json::<TaskRequest>(request).await {
+        (&Method::POST, ["tasks"]) => match read_json::<TaskRequest>(bodies, request).await {
             Ok(new) => match manager.create(new).await {
                 Ok(task) => Reply::Created(format!("/tasks/{}", task.id), json!(task)),
                 Err(e) => e.into(),
@@ -183,7 +189,7 @@ async fn route(manager: &Arc<Manager>, request: Request<Incoming>) -> Response<F
         },
         (&Method::PUT, ["tasks", id]) => {
             let id = id.to_string();
-            match read_json::<TaskRequest>(request).await {
+            match read_json::<TaskRequest>(bodies, request).await {
                 Ok(update) => match manager.update(&id, update).await {
                     Ok(task) => ok(task),
                     Err(e) => e.into(),
@@ -193,7 +199,7 @@ async fn route(manager: &Arc<Manager>, request: Request<Incoming>) -> Response<F
         }
         (&Method::PUT, ["tasks", id, "upload"]) => {
             let id = id.to_string();
-            upload(manager, &id, request).await
+            upload(manager, bodies, &id, request).await
         }
         (&Method::DELETE, ["tasks", id]) => match manager.delete(id).await {
             Ok(()) => Reply::NoContent,
@@ -298,14 +304,19 @@ fn list_proplets(manager: &Manager, query: &str) -> Reply {
     }
 }
 
-async fn upload(manager: &Manager, id: &str, request: Request<Incoming>) -> Reply {
+async fn upload(
+    manager: &Manager,
+    bodies: &Semaphore,
+    id: &str,
+    request: Request<Incoming>,
+) -> Reply {
     let content_type = request
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let body = match read_body(request).await {
+    let body = match read_body(bodies, request).await {
         Ok(body) => body,
         Err(reply) => return reply,
     };
@@ -365,9 +376,8 @@ fn parameter(query: &str, name: &str) -> Option<String> {
         .map(|(_, value)| value.to_owned())
 }
 
-async fn read_body(request: Request<Incoming>) -> Result<Bytes, Reply> {
-    static SLOTS: Semaphore = Semaphore::const_new(BODY_SLOTS);
-    let _slot = SLOTS.acquire().await;
+async fn read_body(bodies: &Semaphore, request: Request<Incoming>) -> Result<Bytes, Reply> {
+    let _slot = bodies.acquire().await;
     Ok(Limited::new(request.into_body(), MAX_BODY)
         .collect()
         .await
@@ -380,7 +390,10 @@ async fn read_body(request: Request<Incoming>) -> Result<Bytes, Reply> {
         .to_bytes())
 }
 
-async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T, Reply> {
+async fn read_json<T: DeserializeOwned>(
+    bodies: &Semaphore,
+    request: Request<Incoming>,
+) -> Result<T, Reply> {
     let json = request
         .headers()
         .get(CONTENT_TYPE)
@@ -392,7 +405,7 @@ async fn read_json<T: DeserializeOwned>(request: Request<Incoming>) -> Result<T,
             "send the task as JSON, with Content-Type: application/json",
         ));
     }
-    let body = read_body(request).await?;
+    let body = read_body(bodies, request).await?;
     serde_json::from_slice(&body).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
