@@ -10,9 +10,13 @@ mod backoff;
 mod driver;
 mod failure;
 mod outbox;
+#[cfg(test)]
+mod peer;
 mod probe;
 mod session;
 mod socket;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -27,36 +27,41 @@
 //!    `Outgoing::AwaitAck(pkid)`, then as `Outgoing::Publish(pkid)` with the
 //!    same id when it goes out. SUBSCRIBE is reported the same way. There is
 //!    no other way to learn a request's id ([`Requests`]).
-//! 2. **`EventLoop::state.events`** (a public field): rumqttc reads and
+//! 2. **Packet ids are reused early at QoS 2.** rumqttc frees a QoS 2 id when
+//!    PUBREC arrives, not when PUBCOMP does, and ids come from a cycle of
+//!    `inflight` (100) values shared with SUBSCRIBE: a new publish can get
+//!    the id of one whose PUBCOMP is still due. Acknowledgements of one id
+//!    are therefore matched first in, first out.
+//! 3. **`EventLoop::state.events`** (a public field): rumqttc reads and
 //!    writes in batches and buffers the events, and keeps them when the
 //!    connection fails. After the next CONNACK their packet ids would name
 //!    other messages, so [`Session::take_buffered`] hands them out before a
 //!    connection is forgotten. [`Session::next_buffered_packet`] peeks at the
 //!    same queue to take a batch of acknowledgements under one lock.
-//! 3. **`EventLoop::clean()`** drops the network and moves unacknowledged
+//! 4. **`EventLoop::clean()`** drops the network and moves unacknowledged
 //!    and still-queued requests to `EventLoop::pending`, which rumqttc
 //!    discards at the next CONNACK without a session. We always ask for a
 //!    clean session, so nothing queued for one connection reaches the next:
 //!    our outbox sends it again.
-//! 4. **`EventLoop::state.collision`** (public): a publish held back for an
+//! 5. **`EventLoop::state.collision`** (public): a publish held back for an
 //!    id of the old connection would block every request of the new one
 //!    until an acknowledgement that never comes. [`Session::forget`] clears it.
-//! 5. **`EventLoop::mqtt_options`** (public): replaced between attempts to
+//! 6. **`EventLoop::mqtt_options`** (public): replaced between attempts to
 //!    switch broker or TLS material. A new event loop would also mean a new
 //!    request queue, and the client handles hold the old one.
-//! 6. **`EventLoop::poll` without a network** connects and yields CONNACK or
+//! 7. **`EventLoop::poll` without a network** connects and yields CONNACK or
 //!    an error, nothing else ([`Session::connect`]).
-//! 7. **The request queue** is a bounded channel whose send completes at the
+//! 8. **The request queue** is a bounded channel whose send completes at the
 //!    first poll when there is room, so a request can enter it under a
 //!    plain mutex (`ready_now`). It is sized never to be full ([`open`]): a
 //!    send that had to wait is withdrawn when dropped, which could race with
 //!    the event loop taking it, and [`Requests`] would lose count. And
 //!    rumqttc's own size check of an outgoing PUBLISH is [`publish_size`].
-//! 8. **Our patch** `MqttOptions::set_socket_connector` (see
+//! 9. **Our patch** `MqttOptions::set_socket_connector` (see
 //!    `vendor/rumqttc/PATCH.md`) opens our socket ([`super::socket`]).
-//! 9. **Errors**: the shapes of `ConnectionError` and `StateError`, and that
-//!    the codec's `mqttbytes::Error::Io` hides its io::Error from `source()`
-//!    ([`LinkError::into_failure`]).
+//! 10. **Errors**: the shapes of `ConnectionError` and `StateError`, and that
+//!     the codec's `mqttbytes::Error::Io` hides its io::Error from `source()`
+//!     ([`LinkError::into_failure`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -100,7 +105,7 @@ fn mqtt_options(config: &Options, broker: &BrokerAddress, tls: Option<&TlsSetup>
         .set_credentials(&config.client_id, config.client_key.expose())
         .set_keep_alive(config.keep_alive)
         .set_max_packet_size(config.max_packet_size, config.max_packet_size)
-        // Point 3 of the module documentation depends on it.
+        // Point 4 of the module documentation depends on it.
         .set_clean_session(true);
     if let Some(will) = &config.last_will {
         options.set_last_will(rumqttc::LastWill::new(
@@ -163,7 +168,7 @@ pub(crate) enum Event {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Packet(PacketKind);
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum PacketKind {
     /// The next queued publish went out with this id (0 at QoS 0).
     Sent(u16),
@@ -232,7 +237,7 @@ impl Session {
         debug_assert!(self.eventloop.network.is_none(), "connect while connected");
         let attempt = async {
             // Without a network, poll connects and yields CONNACK or an
-            // error (point 6); the loop only guards that assumption.
+            // error (point 7); the loop only guards that assumption.
             loop {
                 if let RawEvent::Incoming(Incoming::ConnAck(connack)) =
                     self.eventloop.poll().await?
@@ -261,7 +266,7 @@ impl Session {
 
     /// The next event rumqttc has already read, if it is about one of our
     /// requests: so that a batch of acknowledgements takes one lock, not one
-    /// poll each (point 2).
+    /// poll each (point 3).
     pub fn next_buffered_packet(&mut self) -> Option<Packet> {
         let buffered = &mut self.eventloop.state.events;
         if !buffered.front().is_some_and(is_packet) {
@@ -276,7 +281,7 @@ impl Session {
     /// Events rumqttc read but has not handed out: after the connection
     /// failed, or before one is dropped. They are real acknowledgements and
     /// messages, to be handled before [`Session::forget`], while their packet
-    /// ids still mean what they meant (point 2).
+    /// ids still mean what they meant (point 3).
     pub fn take_buffered(&mut self) -> Vec<Event> {
         self.eventloop
             .state
@@ -287,7 +292,7 @@ impl Session {
     }
 
     /// Ends the connection if it is still up, and forgets it: what rumqttc
-    /// has queued or in flight is dropped with the session (point 3), and so
+    /// has queued or in flight is dropped with the session (point 4), and so
     /// are the packet ids in `requests`. Call it under the lock that guards
     /// `requests`, after handling [`Session::take_buffered`]: no request may
     /// slip into rumqttc's queue between the two.
@@ -312,8 +317,9 @@ pub(crate) struct Requests {
     publishes: VecDeque<u64>,
     /// A publish rumqttc held back because its packet id was still in use.
     held: Option<(u16, u64)>,
-    /// Outbox ids of publishes on the wire, by packet id.
-    on_wire: HashMap<u16, u64>,
+    /// Outbox ids of publishes on the wire, by packet id, oldest first: at
+    /// QoS 2 one id can be on the wire twice (point 2).
+    on_wire: HashMap<u16, VecDeque<u64>>,
     /// Topic lists of SUBSCRIBE requests queued to rumqttc, in order.
     subscribes: VecDeque<Vec<String>>,
     /// Topic lists of SUBSCRIBE packets sent, by packet id.
@@ -405,7 +411,7 @@ impl Requests {
                     // QoS 0: sent is all it will ever be.
                     return Some(Resolved::Delivered(id));
                 }
-                self.on_wire.insert(pkid, id);
+                self.on_wire.entry(pkid).or_default().push_back(id);
                 None
             }
             PacketKind::HeldBack(pkid) => {
@@ -414,7 +420,14 @@ impl Requests {
                 }
                 None
             }
-            PacketKind::Acknowledged(pkid) => self.on_wire.remove(&pkid).map(Resolved::Delivered),
+            PacketKind::Acknowledged(pkid) => {
+                let waiting = self.on_wire.get_mut(&pkid)?;
+                let id = waiting.pop_front();
+                if waiting.is_empty() {
+                    self.on_wire.remove(&pkid);
+                }
+                id.map(Resolved::Delivered)
+            }
             PacketKind::SubscribeSent(pkid) => {
                 if let Some(topics) = self.subscribes.pop_front() {
                     self.subscribed.insert(pkid, topics);
@@ -439,7 +452,7 @@ impl Requests {
 }
 
 /// Polls `future` once: its output if it is ready at once. rumqttc's queue
-/// takes a request without waiting when it has room (point 7); this lets the
+/// takes a request without waiting when it has room (point 8); this lets the
 /// request enter under a plain lock.
 fn ready_now<F: Future>(future: F) -> Option<F::Output> {
     match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
@@ -526,7 +539,7 @@ fn unwrap_io(error: ConnectionError) -> Unwrapped {
     }
 }
 
-/// rumqttc's codec error does not expose its io::Error as a source (point 9).
+/// rumqttc's codec error does not expose its io::Error as a source (point 10).
 fn hidden_cause<'e>(
     error: &'e (dyn std::error::Error + 'static),
 ) -> Option<&'e (dyn std::error::Error + 'static)> {
@@ -535,6 +548,9 @@ fn hidden_cause<'e>(
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod scripted;
 
 #[cfg(test)]
 mod tests {
@@ -670,6 +686,35 @@ mod tests {
         );
     }
 
+    /// The peek that batches bookkeeping takes exactly what becomes a Packet.
+    #[test]
+    fn is_packet_agrees_with_the_conversion() {
+        let events = [
+            RawEvent::Incoming(Incoming::PubAck(rumqttc::PubAck::new(1))),
+            RawEvent::Incoming(Incoming::PubComp(rumqttc::PubComp::new(1))),
+            RawEvent::Incoming(Incoming::PubRec(rumqttc::PubRec::new(1))),
+            RawEvent::Incoming(Incoming::SubAck(rumqttc::SubAck::new(1, vec![]))),
+            RawEvent::Incoming(Incoming::PingResp),
+            RawEvent::Incoming(Incoming::Publish(rumqttc::Publish::new(
+                "t",
+                QoS::AtLeastOnce,
+                "x",
+            ))),
+            RawEvent::Outgoing(Outgoing::Publish(1)),
+            RawEvent::Outgoing(Outgoing::AwaitAck(1)),
+            RawEvent::Outgoing(Outgoing::Subscribe(1)),
+            RawEvent::Outgoing(Outgoing::PubRel(1)),
+            RawEvent::Outgoing(Outgoing::Disconnect),
+        ];
+        for event in events {
+            assert_eq!(
+                is_packet(&event),
+                matches!(Event::from(event.clone()), Event::Packet(_)),
+                "{event:?}"
+            );
+        }
+    }
+
     /// Requests on a queue nobody drains: enough to test the bookkeeping.
     fn requests() -> (Requests, EventLoop) {
         let (client, eventloop) = AsyncClient::new(MqttOptions::new("t", "localhost", 1883), 64);
@@ -730,6 +775,25 @@ mod tests {
         resolve(&mut requests, Sent(1));
         assert_eq!(
             resolve(&mut requests, Acknowledged(1)),
+            Some(Resolved::Delivered(1))
+        );
+    }
+
+    /// rumqttc reuses a QoS 2 id once PUBREC came, before PUBCOMP (point 2):
+    /// the first PUBCOMP is the old message's.
+    #[test]
+    fn a_reused_qos2_id_is_matched_first_in_first_out() {
+        use PacketKind::*;
+        let (mut requests, _eventloop) = requests();
+        queue(&mut requests, [0, 1], QoS::ExactlyOnce);
+        resolve(&mut requests, Sent(7));
+        resolve(&mut requests, Sent(7));
+        assert_eq!(
+            resolve(&mut requests, Acknowledged(7)),
+            Some(Resolved::Delivered(0))
+        );
+        assert_eq!(
+            resolve(&mut requests, Acknowledged(7)),
             Some(Resolved::Delivered(1))
         );
     }
