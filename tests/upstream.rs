@@ -244,7 +244,7 @@ fn skip(test: &str, missing: &str) {
     if std::env::var_os("CI").is_some() {
         panic!("{message} (CI requires them)");
     }
-    eprintln!("{message}");
+    propeller_tests::skips::record(&message);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
