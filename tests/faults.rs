@@ -136,9 +136,14 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
     // A killer thread: SIGKILL the broker twice while we publish, 1 s down
     // each time. For each kill it records when it landed, and the highest
     // number the subscriber had recorded once the broker was dead.
+    // If this test panics before the kills (a publish fails), the flag set
+    // as it unwinds ends the killer thread, which drops, and so stops, the
+    // broker, rather than waiting for the end of the test process.
     let started = Instant::now();
     let published = Arc::new(AtomicUsize::new(0));
     let killer_published = published.clone();
+    let abandoned = SetOnDrop(Arc::new(AtomicBool::new(false)));
+    let killer_abandoned = abandoned.0.clone();
     let seen = subscriber.received.clone();
     let killer = std::thread::spawn(move || {
         let mut broker = broker;
@@ -146,6 +151,9 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
         let mut kills = Vec::new();
         for at in [MESSAGES / 4, MESSAGES * 3 / 5] {
             while killer_published.load(Ordering::SeqCst) < at {
+                if killer_abandoned.load(Ordering::SeqCst) {
+                    return (broker, kills);
+                }
                 std::thread::sleep(Duration::from_millis(2));
             }
             // Taken once the broker is dead (`kill` waits for it): a PUBACK
@@ -175,12 +183,19 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
         Arc::new((0..MESSAGES).map(|_| Mutex::new(None)).collect());
     let mut watchers = Vec::with_capacity(MESSAGES);
     for number in 0..MESSAGES {
+        let full_since = Instant::now();
         let delivery = loop {
             match client.publish(TOPIC, number.to_string()).await {
                 Ok(delivery) => break delivery,
                 // Backpressure: the outbox is full while the broker is down.
                 Err(Error::OutboxFull { .. }) => {
                     full_waits += 1;
+                    // A guard against a hang (a broker that did not come
+                    // back), not a measure.
+                    assert!(
+                        full_since.elapsed() < Duration::from_secs(60),
+                        "publish {number}: the outbox stayed full for 60 s"
+                    );
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Err(e) => panic!("publish {number}: {e}"),
@@ -274,6 +289,15 @@ async fn no_message_lost_across_broker_kills(mtls: bool) {
         unexplained.len(),
         received.len(),
     );
+}
+
+/// Sets its flag when dropped, on a panic too.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
 
 /// One SIGKILL of the broker.

@@ -43,12 +43,16 @@ fn start_quickstart() -> (Child, mpsc::Receiver<String>) {
     }
     let status = build.status().expect("run cargo build");
     assert!(status.success(), "cargo build --example quickstart");
-    let mut child = Command::new(profile_dir.join("examples/quickstart"))
+    // SIGTERM if this process dies: the quickstart then stops its services.
+    let mut command = propeller_tests::children::command_with_signal(
+        profile_dir.join("examples/quickstart"),
+        "TERM",
+    );
+    command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the quickstart");
+        .stderr(Stdio::piped());
+    let mut child = propeller_tests::children::spawn(command).expect("start the quickstart");
     let (lines, received) = mpsc::channel();
     let streams: [Box<dyn Read + Send>; 2] = [
         Box::new(child.stdout.take().unwrap()),

@@ -11,6 +11,7 @@
 //! Without them the tests print that they were skipped and how to install;
 //! under CI (`CI` set) a missing tool is a failure.
 
+pub mod children;
 pub mod http;
 pub mod lab;
 pub mod modules;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::children;
 use crate::pki::{Identity, Pki};
 
 /// Names of the clients the broker knows, with their passwords and ACLs.
@@ -42,13 +43,13 @@ fn spawn_mosquitto(dir: &Path) -> Child {
         .append(true)
         .open(dir.join("mosquitto.log"))
         .unwrap();
-    Command::new("mosquitto")
+    let mut command = children::command("mosquitto");
+    command
         .arg("-c")
         .arg(dir.join("mosquitto.conf"))
         .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("start mosquitto")
+        .stderr(Stdio::from(log));
+    children::spawn(command).expect("start mosquitto")
 }
 
 impl Mosquitto {
@@ -110,15 +111,7 @@ impl Mosquitto {
         );
         let config_path = dir.path().join("mosquitto.conf");
         std::fs::write(&config_path, config).unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("mosquitto.log")).unwrap(),
-            ))
-            .spawn()
-            .expect("start mosquitto");
+        let child = spawn_mosquitto(dir.path());
         let mut broker = Mosquitto {
             plain,
             tls,
@@ -275,7 +268,8 @@ impl Drop for Edge {
 /// nginx with `config`, its logs in `dir`, once it listens on `port`.
 fn start_nginx(dir: &Path, config: &Path, port: u16) -> Child {
     let error_log = dir.join("error.log");
-    let mut child = Command::new("nginx")
+    let mut command = children::command("nginx");
+    command
         .arg("-p")
         .arg(dir)
         .arg("-e")
@@ -285,9 +279,8 @@ fn start_nginx(dir: &Path, config: &Path, port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::from(
             std::fs::File::create(dir.join("stderr.log")).unwrap(),
-        ))
-        .spawn()
-        .expect("start nginx");
+        ));
+    let mut child = children::spawn(command).expect("start nginx");
     wait_ports(&mut child, &[port], &error_log, "nginx");
     child
 }
