@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::servers::listens_on;
 use crate::{children, free_ports, Env};
 
 pub const INSTALL: &str = "apt-get install -y postgresql";
@@ -153,11 +154,15 @@ impl Postgres {
             .stdout(file.try_clone().unwrap())
             .stderr(file);
         let child = children::spawn(command).expect("start postgres");
+        let pid = child.id();
         self.server = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if text.contains("ready to accept connections") {
+                if let Err(why) = listens_on(pid, &[self.port]) {
+                    panic!("postgres (pid {pid}): {why}; its log:\n{text}");
+                }
                 return;
             }
             let exited = self
