@@ -244,7 +244,7 @@ fn skip(test: &str, missing: &str) {
     if std::env::var_os("CI").is_some() {
         panic!("{message} (CI requires them)");
     }
-    eprintln!("{message}");
+    propeller_tests::skips::record(&message);
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -328,13 +328,13 @@ impl SdkDriver {
 
     /// Runs the driver (at most `timeout`): its exit success, stdout, stderr.
     fn run(&self, args: &[&str], timeout: Duration) -> (bool, String, String) {
-        let mut child = Command::new(&self.binary)
+        let mut command = propeller_tests::children::command(&self.binary);
+        command
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the SDK driver");
+            .stderr(Stdio::piped());
+        let mut child = propeller_tests::children::spawn(command).expect("start the SDK driver");
         let read = |mut stream: Box<dyn Read + Send>| {
             std::thread::spawn(move || {
                 let mut text = String::new();

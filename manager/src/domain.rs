@@ -1206,4 +1206,105 @@ mod tests {
         state.unload();
         assert!(!state.loaded && state.task(&again.id).is_err());
     }
+
+    /// `Manager::start` with a start the client refuses (over its packet
+    /// limit) or cannot send (shut down): the task fails with the reason,
+    /// and its proplet is released, so the least-busy choice takes it
+    /// again.
+    #[tokio::test]
+    async fn a_start_that_cannot_be_published_releases_its_proplet() {
+        use crate::store::{Memory, StoreState};
+        use propeller_mqtt::{Config, Service};
+        use std::sync::Arc;
+
+        // A broker that is never there: publishes wait in the outbox.
+        let vars = [
+            ("MANAGER_MQTT_ADDRESS", "tcp://127.0.0.1:9"),
+            ("MANAGER_CLIENT_ID", "m"),
+            ("MANAGER_CLIENT_KEY", "k"),
+            ("MANAGER_DOMAIN_ID", "d"),
+            ("MANAGER_CHANNEL_ID", "c"),
+            ("MANAGER_MQTT_TIMEOUT", "100ms"),
+            // Under the state's limit (64 KiB in `state()`): a start can
+            // pass the state's estimate and still be over the client's.
+            ("MANAGER_MQTT_MAX_PACKET_SIZE", "4096"),
+        ];
+        let config = Config::from_vars(Service::Manager, vars).unwrap();
+        let (client, _) = Client::start(&config, vec![]).unwrap();
+        let mut state = state();
+        alive(&mut state, "idle");
+        alive(&mut state, "busy");
+        state.registry.get_mut("busy").unwrap().running_tasks = 1;
+        let store = Handle::new("memory", String::new(), StoreState::Ready);
+        let manager = Arc::new(Manager::new(
+            client.clone(),
+            config.channel.clone(),
+            state,
+            store,
+        ));
+        let (stop_writer, stopping) = tokio::sync::watch::channel(false);
+        let writer = tokio::spawn(crate::store::writer::run(
+            manager.clone(),
+            Memory,
+            true,
+            stopping,
+        ));
+        let running = |id: &str| manager.lock().proplet(id).unwrap().running_tasks;
+
+        let module = base64::engine::general_purpose::STANDARD.encode(vec![0u8; 4096]);
+        let big = manager
+            .create(request(&format!(r#"{{"name":"f","file":"{module}"}}"#)))
+            .await
+            .unwrap();
+        let refused = manager.start(&big.id).await.unwrap_err();
+        let failed = manager.lock().task(&big.id).unwrap().clone();
+        assert_eq!(failed.state, TaskState::Failed);
+        assert_eq!(refused, ManagerError::Unavailable(failed.error.clone()));
+        assert!(
+            failed
+                .error
+                .starts_with("cannot publish the task: a message of ")
+                && failed.error.contains("MANAGER_MQTT_MAX_PACKET_SIZE"),
+            "{}",
+            failed.error
+        );
+        assert_eq!((running("idle"), running("busy")), (0, 1));
+
+        // Released: the next task goes to the same proplet, the least busy.
+        let small = manager
+            .create(request(r#"{"name":"f","image_url":"add.wasm"}"#))
+            .await
+            .unwrap();
+        manager.start(&small.id).await.unwrap();
+        let started = manager.lock().task(&small.id).unwrap().clone();
+        assert_eq!(
+            (started.state, started.proplet_id.as_str()),
+            (TaskState::Running, "idle")
+        );
+        assert_eq!((running("idle"), running("busy")), (1, 1));
+
+        // The client shut down: the same release.
+        client.shutdown().await;
+        let late = manager
+            .create(request(r#"{"name":"f","image_url":"add.wasm"}"#))
+            .await
+            .unwrap();
+        let refused = manager.start(&late.id).await.unwrap_err();
+        let failed = manager.lock().task(&late.id).unwrap().clone();
+        assert_eq!(failed.state, TaskState::Failed);
+        assert_eq!(
+            refused,
+            ManagerError::Unavailable(
+                "cannot publish the task: the MQTT client has shut down".to_owned()
+            )
+        );
+        assert_eq!(
+            failed.error,
+            "cannot publish the task: the MQTT client has shut down"
+        );
+        assert_eq!((running("idle"), running("busy")), (1, 1));
+
+        let _ = stop_writer.send(true);
+        writer.await.unwrap();
+    }
 }

@@ -413,4 +413,81 @@ mod tests {
         assert!(!modules.lock().assembler.collecting("late.wasm"));
         client.shutdown().await;
     }
+
+    /// Exactly once: every task waiting for a module gets it, once, from
+    /// one assembly; chunks of that set that arrive again, or the proxy's
+    /// error for it, fire nothing; and a later fetch waits for a whole new
+    /// set, not for a stale one.
+    #[tokio::test]
+    async fn a_module_completes_each_waiter_exactly_once() {
+        // A client whose broker is never there: requests wait in its outbox.
+        let vars = [
+            ("PROPLET_MQTT_ADDRESS", "tcp://127.0.0.1:9"),
+            ("PROPLET_CLIENT_ID", "p"),
+            ("PROPLET_CLIENT_KEY", "k"),
+            ("PROPLET_DOMAIN_ID", "d"),
+            ("PROPLET_CHANNEL_ID", "c"),
+            ("PROPLET_MQTT_TIMEOUT", "100ms"),
+        ];
+        let config =
+            propeller_mqtt::Config::from_vars(propeller_mqtt::Service::Proplet, vars).unwrap();
+        let (client, _) = Client::start(&config, vec![]).unwrap();
+        let modules = Modules::new(client.clone(), "registry/proplet".into());
+        let waiters = |modules: &Modules| modules.lock().waiters.get("app").map_or(0, Vec::len);
+        // Waits (a guard against a hang, not a measure) until `count` tasks
+        // wait for the module.
+        async fn until_waiting(modules: &Modules, count: usize) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while modules.lock().waiters.get("app").map_or(0, Vec::len) < count {
+                assert!(Instant::now() < deadline, "no {count} waiters");
+                tokio::task::yield_now().await;
+            }
+        }
+        let module = b"exactly once".to_vec();
+        let set = chunks(&module, 5);
+        assert_eq!(set.len(), 3);
+
+        let fetch = |modules: &Modules| {
+            let modules = modules.clone();
+            tokio::spawn(async move { modules.fetch("app").await })
+        };
+        let (first, second) = (fetch(&modules), fetch(&modules));
+        until_waiting(&modules, 2).await;
+        // Out of order, with a duplicate before the set is whole.
+        modules.chunk(set[2].clone());
+        modules.chunk(set[0].clone());
+        modules.chunk(set[2].clone());
+        assert_eq!(waiters(&modules), 2, "completed before the last chunk");
+        modules.chunk(set[1].clone());
+        for task in [first, second] {
+            assert_eq!(&task.await.unwrap().unwrap()[..], &module[..]);
+        }
+        // Completed and forgotten: chunks of the set again (all but one,
+        // which would otherwise complete it a second time), and a late
+        // error, start nothing and reach nobody.
+        assert_eq!(waiters(&modules), 0);
+        modules.chunk(set[2].clone());
+        modules.chunk(set[0].clone());
+        modules.failed(ModuleError {
+            app_name: "app".into(),
+            error: "late".into(),
+        });
+        assert!(!modules.lock().assembler.collecting("app"));
+        assert!(modules.lock().waiters.is_empty());
+
+        // A new fetch: one chunk that completed the old set does not
+        // complete it, and the proxy's error now reaches it, once.
+        let third = fetch(&modules);
+        until_waiting(&modules, 1).await;
+        modules.chunk(set[1].clone());
+        assert_eq!(waiters(&modules), 1, "completed from a stale set");
+        modules.failed(ModuleError {
+            app_name: "app".into(),
+            error: "gone".into(),
+        });
+        let error = third.await.unwrap().unwrap_err();
+        assert_eq!(error, "the proxy cannot serve it: gone");
+        assert!(!modules.lock().assembler.collecting("app"));
+        client.shutdown().await;
+    }
 }

@@ -11,6 +11,7 @@
 //! Without them the tests print that they were skipped and how to install;
 //! under CI (`CI` set) a missing tool is a failure.
 
+pub mod children;
 pub mod http;
 pub mod lab;
 pub mod modules;
@@ -19,8 +20,8 @@ pub mod postgres;
 pub mod process;
 pub mod relay;
 pub mod servers;
+pub mod skips;
 
-use std::io::Write;
 use std::path::Path;
 
 pub use pki::{Identity, Pki, KEY_PASSWORD};
@@ -71,8 +72,9 @@ pub fn servers_available(test: &str) -> bool {
         panic!("{message} (CI requires them)");
     }
     // Straight to the process's stderr, which the test harness does not
-    // capture: a run without the servers must not pass for a full one.
-    let _ = writeln!(std::io::stderr(), "{message}");
+    // capture, and counted: a run without the servers must not pass for a
+    // full one.
+    skips::record(&message);
     false
 }
 

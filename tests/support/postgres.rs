@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{free_ports, Env};
+use crate::servers::listens_on;
+use crate::{children, free_ports, Env};
 
 pub const INSTALL: &str = "apt-get install -y postgresql";
 pub const USER: &str = "propeller";
@@ -45,7 +46,7 @@ pub fn available(test: &str) -> Option<PathBuf> {
         if std::env::var_os("CI").is_some() {
             panic!("{message} (CI requires it)");
         }
-        eprintln!("{message}");
+        crate::skips::record(&message);
     }
     newest
 }
@@ -121,7 +122,11 @@ impl Postgres {
 
     /// `bin/<tool>` in the cluster's directory, as `postgres` under root.
     fn command(&self, tool: &str) -> Command {
-        let mut command = Command::new(self.bin.join(tool));
+        self.in_cluster(Command::new(self.bin.join(tool)))
+    }
+
+    /// `command` in the cluster's directory, as `postgres` under root.
+    fn in_cluster(&self, mut command: Command) -> Command {
         command.current_dir(self.dir.path()).env("LC_ALL", "C");
         if let Some((uid, gid)) = self.owner {
             command.uid(uid).gid(gid);
@@ -140,21 +145,24 @@ impl Postgres {
             std::os::unix::fs::chown(&log, Some(uid), Some(gid)).unwrap();
         }
         let socket_dir = self.dir.path().display().to_string();
-        let child = self
-            .command("postgres")
+        let mut command = self.in_cluster(children::command(self.bin.join("postgres")));
+        command
             .args(["-D", "data", "-p", &self.port.to_string()])
             .args(["-c", "listen_addresses=127.0.0.1"])
             .args(["-c", &format!("unix_socket_directories={socket_dir}")])
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .expect("start postgres");
+            .stderr(file);
+        let child = children::spawn(command).expect("start postgres");
+        let pid = child.id();
         self.server = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             if text.contains("ready to accept connections") {
+                if let Err(why) = listens_on(pid, &[self.port]) {
+                    panic!("postgres (pid {pid}): {why}; its log:\n{text}");
+                }
                 return;
             }
             let exited = self

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// build and a plain `cargo build` undo each other's work.
 pub fn nested_cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut command = Command::new(cargo);
+    let mut command = crate::children::command(cargo);
     for (name, _) in std::env::vars_os() {
         let set_by_cargo = name.to_str().is_some_and(|name| {
             name.starts_with("CARGO_PKG_")
@@ -119,20 +119,20 @@ impl ServiceProcess {
         env: &[(String, String)],
         dir: Option<&std::path::Path>,
     ) -> ServiceProcess {
-        let mut command = Command::new(self::binary(binary));
+        let mut command = crate::children::command(self::binary(binary));
         if let Some(dir) = dir {
             command.current_dir(dir);
         }
-        let mut child = command
+        command
             .args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {binary}: {e}"));
+            .stderr(Stdio::piped());
+        let mut child =
+            crate::children::spawn(command).unwrap_or_else(|e| panic!("start {binary}: {e}"));
         let output = Arc::new((Mutex::new(String::new()), Condvar::new()));
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,

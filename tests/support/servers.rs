@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::children;
 use crate::pki::{Identity, Pki};
 
 /// Names of the clients the broker knows, with their passwords and ACLs.
@@ -42,13 +43,13 @@ fn spawn_mosquitto(dir: &Path) -> Child {
         .append(true)
         .open(dir.join("mosquitto.log"))
         .unwrap();
-    Command::new("mosquitto")
+    let mut command = children::command("mosquitto");
+    command
         .arg("-c")
         .arg(dir.join("mosquitto.conf"))
         .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("start mosquitto")
+        .stderr(Stdio::from(log));
+    children::spawn(command).expect("start mosquitto")
 }
 
 impl Mosquitto {
@@ -110,15 +111,7 @@ impl Mosquitto {
         );
         let config_path = dir.path().join("mosquitto.conf");
         std::fs::write(&config_path, config).unwrap();
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("mosquitto.log")).unwrap(),
-            ))
-            .spawn()
-            .expect("start mosquitto");
+        let child = spawn_mosquitto(dir.path());
         let mut broker = Mosquitto {
             plain,
             tls,
@@ -275,7 +268,8 @@ impl Drop for Edge {
 /// nginx with `config`, its logs in `dir`, once it listens on `port`.
 fn start_nginx(dir: &Path, config: &Path, port: u16) -> Child {
     let error_log = dir.join("error.log");
-    let mut child = Command::new("nginx")
+    let mut command = children::command("nginx");
+    command
         .arg("-p")
         .arg(dir)
         .arg("-e")
@@ -285,9 +279,8 @@ fn start_nginx(dir: &Path, config: &Path, port: u16) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::from(
             std::fs::File::create(dir.join("stderr.log")).unwrap(),
-        ))
-        .spawn()
-        .expect("start nginx");
+        ));
+    let mut child = children::spawn(command).expect("start nginx");
     wait_ports(&mut child, &[port], &error_log, "nginx");
     child
 }
@@ -313,7 +306,8 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
     std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
-/// Waits (at most 10 s) until every port accepts, or fails with the server's log.
+/// Waits (at most 10 s) until every port accepts, and checks that the
+/// server listens on each; or fails with the server's log.
 fn wait_ports(child: &mut Child, ports: &[u16], log: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     for &port in ports {
@@ -332,6 +326,131 @@ fn wait_ports(child: &mut Child, ports: &[u16], log: &Path, what: &str) {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    if let Err(why) = listens_on(child.id(), ports) {
+        let _ = child.kill();
+        panic!(
+            "{what} (pid {}): {why}; its log:\n{}",
+            child.id(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
+/// Checks that every socket listening on loopback at each of `ports`
+/// belongs to the process `pid`. The ports were free when picked
+/// ([`free_ports`] binds and releases them), but another process may have
+/// taken one since, and then a test would talk to it, not to the server it
+/// started. nginx's master process holds its listening sockets (the test
+/// servers run nginx as one process anyway); so does PostgreSQL's
+/// postmaster. Linux only (`/proc`); elsewhere nothing is checked.
+pub fn listens_on(pid: u32, ports: &[u16]) -> Result<(), String> {
+    if !cfg!(target_os = "linux") {
+        return Ok(());
+    }
+    let owned = socket_inodes(pid);
+    for &port in ports {
+        let listening = listening_sockets(port);
+        if listening.is_empty() {
+            return Err(format!("nothing listens on 127.0.0.1:{port}"));
+        }
+        let foreign: Vec<String> = listening
+            .iter()
+            .filter(|inode| !owned.contains(inode))
+            .map(|inode| holders(*inode))
+            .collect();
+        if !foreign.is_empty() {
+            return Err(format!(
+                "port {port} is held by another process ({}), not by this server: \
+                 it was taken between the pick of a free port and the start",
+                foreign.join("; ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The inodes of the TCP sockets listening on `port` at an address that
+/// takes connections to 127.0.0.1 (or `::1`), from `/proc/net/tcp{,6}`.
+fn listening_sockets(port: u16) -> Vec<u64> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl, local address, remote address, st, …, inode (10th).
+            let (Some(local), Some(&"0A"), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let Some((address, local_port)) = local.split_once(':') else {
+                continue;
+            };
+            if u16::from_str_radix(local_port, 16) == Ok(port) && reaches_loopback(address) {
+                inodes.extend(inode.parse::<u64>().ok());
+            }
+        }
+    }
+    inodes
+}
+
+/// Whether a listening address of `/proc/net/tcp{,6}` (each 32-bit word in
+/// hex, in the host's byte order) takes loopback connections: a loopback
+/// or unspecified address, or IPv4-mapped loopback.
+fn reaches_loopback(hex: &str) -> bool {
+    let bytes: Vec<u8> = (0..hex.len() / 8)
+        .filter_map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).ok())
+        .flat_map(u32::to_ne_bytes)
+        .collect();
+    match <[u8; 4]>::try_from(&bytes[..]) {
+        Ok(v4) => {
+            let ip = std::net::Ipv4Addr::from(v4);
+            ip.is_loopback() || ip.is_unspecified()
+        }
+        Err(_) => <[u8; 16]>::try_from(&bytes[..]).is_ok_and(|v6| {
+            let ip = std::net::Ipv6Addr::from(v6);
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }),
+    }
+}
+
+/// The inodes of the sockets process `pid` has open.
+fn socket_inodes(pid: u32) -> Vec<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(fd.path()).ok()?;
+            target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Which processes hold the socket `inode`, for a failure message.
+fn holders(inode: u64) -> String {
+    let pids: Vec<String> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| socket_inodes(*pid).contains(&inode))
+        .map(|pid| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("pid {pid} {}", name.trim())
+        })
+        .collect();
+    match pids.is_empty() {
+        true => format!("socket {inode}, of a process not visible here"),
+        false => format!("socket {inode} of {}", pids.join(", ")),
     }
 }
 
@@ -385,5 +504,54 @@ impl Drop for FileServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port is the server's only if the server's process holds the
+    /// listening socket.
+    #[test]
+    fn a_port_belongs_to_the_process_that_listens_on_it() {
+        if !cfg!(target_os = "linux") {
+            return;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(listens_on(std::process::id(), &[port]), Ok(()));
+        let mut other = Command::new("sleep").arg("60").spawn().unwrap();
+        let refused = listens_on(other.id(), &[port]);
+        let _ = other.kill();
+        let _ = other.wait();
+        let why = refused.unwrap_err();
+        assert!(
+            why.contains(&format!("port {port} is held by another process"))
+                && why.contains(&format!("pid {}", std::process::id())),
+            "{why}"
+        );
+        drop(listener);
+        assert_eq!(
+            listens_on(std::process::id(), &[port]),
+            Err(format!("nothing listens on 127.0.0.1:{port}"))
+        );
+    }
+
+    #[test]
+    fn listening_addresses_that_take_loopback_connections() {
+        let v4 = |bytes: [u8; 4]| format!("{:08X}", u32::from_ne_bytes(bytes));
+        assert!(reaches_loopback(&v4([127, 0, 0, 1])));
+        assert!(reaches_loopback(&v4([0, 0, 0, 0])));
+        assert!(!reaches_loopback(&v4([10, 0, 0, 1])));
+        let v6 = |ip: std::net::Ipv6Addr| {
+            ip.octets()
+                .chunks(4)
+                .map(|word| format!("{:08X}", u32::from_ne_bytes(word.try_into().unwrap())))
+                .collect::<String>()
+        };
+        assert!(reaches_loopback(&v6("::".parse().unwrap())));
+        assert!(reaches_loopback(&v6("::ffff:127.0.0.1".parse().unwrap())));
+        assert!(!reaches_loopback(&v6("fe80::1".parse().unwrap())));
     }
 }
