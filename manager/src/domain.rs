@@ -1214,22 +1214,17 @@ mod tests {
     #[tokio::test]
     async fn a_start_that_cannot_be_published_releases_its_proplet() {
         use crate::store::{Memory, StoreState};
-        use propeller_mqtt::{Config, Service};
+        use propeller_mqtt::{Options, Secret};
         use std::sync::Arc;
 
         // A broker that is never there: publishes wait in the outbox.
-        let vars = [
-            ("MANAGER_MQTT_ADDRESS", "tcp://127.0.0.1:9"),
-            ("MANAGER_CLIENT_ID", "m"),
-            ("MANAGER_CLIENT_KEY", "k"),
-            ("MANAGER_DOMAIN_ID", "d"),
-            ("MANAGER_CHANNEL_ID", "c"),
-            ("MANAGER_MQTT_TIMEOUT", "100ms"),
+        let config = Options::new("tcp://127.0.0.1:9", "m", Secret::new("k"))
+            .unwrap()
+            .with_connect_timeout(Duration::from_millis(100))
             // Under the state's limit (64 KiB in `state()`): a start can
             // pass the state's estimate and still be over the client's.
-            ("MANAGER_MQTT_MAX_PACKET_SIZE", "4096"),
-        ];
-        let config = Config::from_vars(Service::Manager, vars).unwrap();
+            .with_max_packet_size(4096)
+            .with_names(propeller_mqtt::Names::prefixed("MANAGER_"));
         let (client, _) = Client::start(&config, vec![]).unwrap();
         let mut state = state();
         alive(&mut state, "idle");
@@ -1238,7 +1233,10 @@ mod tests {
         let store = Handle::new("memory", String::new(), StoreState::Ready);
         let manager = Arc::new(Manager::new(
             client.clone(),
-            config.channel.clone(),
+            propeller_protocol::Channel {
+                domain_id: "d".into(),
+                channel_id: "c".into(),
+            },
             state,
             store,
         ));

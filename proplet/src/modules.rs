@@ -421,17 +421,10 @@ mod tests {
     #[tokio::test]
     async fn a_module_completes_each_waiter_exactly_once() {
         // A client whose broker is never there: requests wait in its outbox.
-        let vars = [
-            ("PROPLET_MQTT_ADDRESS", "tcp://127.0.0.1:9"),
-            ("PROPLET_CLIENT_ID", "p"),
-            ("PROPLET_CLIENT_KEY", "k"),
-            ("PROPLET_DOMAIN_ID", "d"),
-            ("PROPLET_CHANNEL_ID", "c"),
-            ("PROPLET_MQTT_TIMEOUT", "100ms"),
-        ];
-        let config =
-            propeller_mqtt::Config::from_vars(propeller_mqtt::Service::Proplet, vars).unwrap();
-        let (client, _) = Client::start(&config, vec![]).unwrap();
+        let options = Options::new("tcp://127.0.0.1:9", "p", Secret::new("k"))
+            .unwrap()
+            .with_connect_timeout(Duration::from_millis(100));
+        let (client, _) = Client::start(&options, vec![]).unwrap();
         let modules = Modules::new(client.clone(), "registry/proplet".into());
         let waiters = |modules: &Modules| modules.lock().waiters.get("app").map_or(0, Vec::len);
         // Waits (a guard against a hang, not a measure) until `count` tasks
