@@ -259,9 +259,14 @@ async fn closed_port_is_unreachable() {
     env.plain(port);
     let failure = fails(&env).await;
     assert!(
-        matches!(&failure, Failure::Unreachable(why) if why.contains("connection refused")),
+        matches!(&failure, Failure::Unreachable(cause) if cause.kind() == std::io::ErrorKind::ConnectionRefused),
         "{failure:?}"
     );
+    assert!(
+        failure.to_string().contains("connection refused"),
+        "{failure}"
+    );
+    assert!(failure.is_network() && failure.class() == "unreachable");
 }
 
 #[tokio::test]

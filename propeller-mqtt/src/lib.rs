@@ -48,7 +48,9 @@ mod options;
 pub mod tls;
 mod warning;
 
-pub use connection::{diagnose, Client, ConnectionState, Delivery, Failure, Message};
+pub use connection::{
+    diagnose, Client, ConnectionLoss, ConnectionState, Delivery, Failure, IoCause, Message,
+};
 pub use error::{one_line, ClientError, ConfigError};
 pub use options::{
     IdentityFiles, LastWill, Mode, Names, Options, Secret, TlsSettings, DEFAULT_CONNECT_TIMEOUT,

@@ -7,6 +7,7 @@ mod mqtt;
 mod watch;
 
 use std::fmt::Write as _;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -198,7 +199,9 @@ async fn walk(
         Ok(Err(e)) => {
             return Err(c.failure(
                 "dns",
-                &Failure::Unreachable(format!("cannot resolve {}: {e}", broker.host)),
+                &Failure::Unreachable(
+                    io::Error::new(e.kind(), format!("cannot resolve {}: {e}", broker.host)).into(),
+                ),
             ))
         }
         Err(_) => return Err(c.failure("dns", &Failure::Timeout)),
@@ -206,7 +209,13 @@ async fn walk(
     let Some(first) = resolved.first() else {
         return Err(c.failure(
             "dns",
-            &Failure::Unreachable(format!("{} resolves to no address", broker.host)),
+            &Failure::Unreachable(
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} resolves to no address", broker.host),
+                )
+                .into(),
+            ),
         ));
     };
     let list: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
@@ -218,10 +227,7 @@ async fn walk(
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(first)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
-            return Err(c.failure(
-                "tcp",
-                &Failure::classify(&rumqttc::ConnectionError::Io(e), false, config.mqtt.mode()),
-            ))
+            return Err(c.failure("tcp", &Failure::from_connect_error(e, config.mqtt.mode())))
         }
         Err(_) => return Err(c.failure("tcp", &Failure::Timeout)),
     };
@@ -345,9 +351,16 @@ async fn handshake(
     let mut stream = match result {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
-            let failure = Failure::from_io(&error, config.mqtt.mode())
-                .unwrap_or_else(|| Failure::Tls(error.to_string()));
-            return Err(c.failure("tls", &failure));
+            return Err(match Failure::from_io(&error, config.mqtt.mode()) {
+                Some(failure) => c.failure("tls", &failure),
+                // Cut short without a TLS error of its own (a reset, or a
+                // plain MQTT port that hung up on our ClientHello).
+                None => c.fail(
+                    "tls",
+                    format!("the TLS handshake failed: {error}"),
+                    Some("check the broker's TLS setup and its logs".to_owned()),
+                ),
+            });
         }
         Err(_) => return Err(c.failure("tls", &Failure::Timeout)),
     };

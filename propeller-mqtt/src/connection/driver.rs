@@ -1,108 +1,99 @@
-//! The task that owns rumqttc's event loop.
+//! The task that keeps the connection up. It alternates between two phases:
+//! connecting ([`Driver::connect`]: attempts with backoff and failover) and
+//! serving an established connection ([`Driver::serve`]), and crosses
+//! between them only through [`Driver::on_connected`] and
+//! [`Driver::link_down`], which set the one record of "connected"
+//! ([`Shared`]). rumqttc stays behind the adapter ([`Session`]).
 
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing,
-    SubscribeReasonCode, TlsConfiguration, Transport,
-};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
 use super::failure::Failure;
-use super::{lock, probe, socket, Command, ConnectionState, Message, Shared};
+use super::session::{Event, LinkError, Packet, Resolved, Session};
+use super::{lock, probe, Command, ConnectionState, Message, Shared};
 use crate::env::BrokerAddress;
 use crate::tls::{self, TlsSetup, Trust};
-use crate::Options;
+use crate::{Options, QoS};
 
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
-/// rumqttc's options for one broker of the list.
-pub(crate) fn mqtt_options(
-    config: &Options,
-    broker: &BrokerAddress,
-    tls: Option<&TlsSetup>,
-) -> MqttOptions {
-    let mut options = MqttOptions::new(&config.client_id, &broker.host, broker.port);
-    // Magistrala's edge needs both username and password in CONNECT.
-    options
-        .set_credentials(&config.client_id, config.client_key.expose())
-        .set_keep_alive(config.keep_alive)
-        .set_max_packet_size(config.max_packet_size, config.max_packet_size)
-        .set_clean_session(true);
-    if let Some(will) = &config.last_will {
-        options.set_last_will(rumqttc::LastWill::new(
-            &will.topic,
-            will.payload.to_vec(),
-            config.qos,
-            false,
-        ));
-    }
-    if let Some(tls) = tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.client_config.clone(),
-        )));
-    }
-    // Our own TCP stream, on every (re)connect: quick acknowledgements.
-    options.set_socket_connector(|address, _| socket::connect(address));
-    options
-}
-
 /// What [`Driver::new`] takes.
 pub(crate) struct Parts {
-    pub eventloop: EventLoop,
-    pub mqtt: AsyncClient,
+    pub session: Session,
     pub config: Options,
     pub tls: Option<TlsSetup>,
     pub shared: Arc<Mutex<Shared>>,
     pub inbox: mpsc::Sender<Message>,
-    pub state: watch::Sender<ConnectionState>,
     pub stop: watch::Receiver<bool>,
     pub commands: mpsc::UnboundedReceiver<Command>,
 }
 
 /// Runs until stopped, or until every client handle is dropped.
 pub(crate) struct Driver {
-    eventloop: EventLoop,
-    mqtt: AsyncClient,
+    session: Session,
     config: Options,
-    tls: Option<TlsSetup>,
-    /// The TLS files the current setup was built from.
-    tls_fingerprint: u64,
-    /// TLS files found broken, so that we say so once, not at every attempt.
-    rejected_fingerprint: Option<u64>,
+    material: Material,
     /// Which broker of the list we are on.
     current: usize,
     shared: Arc<Mutex<Shared>>,
     inbox: mpsc::Sender<Message>,
-    state: watch::Sender<ConnectionState>,
     stop: watch::Receiver<bool>,
+    /// `None` once every client handle is gone.
     commands: Option<mpsc::UnboundedReceiver<Command>>,
     backoff: Backoff,
     outage_since: Option<Instant>,
+    /// Failed attempts since the last CONNACK.
+    attempts: u32,
+}
+
+/// How serving a connection ended.
+enum Ended {
+    /// DISCONNECT sent, or every handle gone while stopping.
+    Stopped,
+    /// New TLS material: reconnect with it, at once.
+    Reload,
+    /// The connection failed.
+    Lost(LinkError),
+}
+
+/// What woke the driver while serving.
+enum Serving {
+    Command(Option<Command>),
+    Polled(Result<Event, LinkError>),
+}
+
+/// What woke the driver while connecting.
+enum Connecting {
+    Stop,
+    Command(Option<Command>),
+    Attempt(Result<bool, LinkError>),
 }
 
 impl Driver {
     pub fn new(parts: Parts) -> Self {
-        let tls_fingerprint = parts.config.tls.as_ref().map_or(0, tls::fingerprint);
+        let fingerprint = parts.config.tls.as_ref().map_or(0, tls::fingerprint);
         Self {
-            eventloop: parts.eventloop,
-            mqtt: parts.mqtt,
+            session: parts.session,
             config: parts.config,
-            tls: parts.tls,
-            tls_fingerprint,
-            rejected_fingerprint: None,
+            material: Material {
+                setup: parts.tls,
+                fingerprint,
+                rejected: None,
+            },
             current: 0,
             shared: parts.shared,
             inbox: parts.inbox,
-            state: parts.state,
             stop: parts.stop,
             commands: Some(parts.commands),
             backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
             outage_since: None,
+            attempts: 0,
         }
     }
 
@@ -111,87 +102,117 @@ impl Driver {
     }
 
     pub async fn run(mut self) {
-        let mut connected = false;
-        let mut attempts = 0u32;
-        loop {
-            if !connected {
-                // Certificates rotate on disk; pick them up before every attempt.
-                self.refresh_tls(false);
-            }
-            // While connected we keep polling even when stopping: that is what
-            // sends the DISCONNECT.
-            let attempt_timeout = (!connected).then_some(self.config.connect_timeout);
-            let step = tokio::select! {
-                biased;
-                _ = wait_for_stop(self.stop.clone()), if !connected => Step::Stop,
-                command = next_command(&mut self.commands) => Step::Command(command),
-                polled = poll(&mut self.eventloop, attempt_timeout) => Step::Polled(polled),
-            };
-            let polled = match step {
-                Step::Stop => break,
-                Step::Command(Some(Command::ReloadTls)) => {
-                    self.reload(&mut connected).await;
-                    continue;
+        while let Some(session_present) = self.connect().await {
+            self.on_connected(session_present);
+            match self.serve().await {
+                Ended::Stopped => break,
+                Ended::Reload => {
+                    info!("reconnecting with the new TLS material");
+                    self.configure();
+                    self.link_down(ConnectionState::Connecting).await;
                 }
-                // Every client handle is gone: nobody can publish or stop us.
-                Step::Command(None) if connected => {
-                    self.commands = None;
-                    let _ = self.mqtt.try_disconnect();
-                    continue;
-                }
-                Step::Command(None) => break,
-                Step::Polled(polled) => polled,
-            };
-            match polled {
-                Ok(Event::Incoming(Incoming::ConnAck(connack))) => {
-                    connected = true;
-                    attempts = 0;
-                    self.backoff.reset();
-                    self.outage_since = None;
-                    self.on_connected(connack.session_present).await;
-                }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                Ok(event) => self.on_event(event).await,
-                Err(ConnectionError::RequestsDone) => break,
-                Err(_) if *self.stop.borrow() => break,
-                Err(error) => {
-                    let was_connected = std::mem::replace(&mut connected, false);
-                    self.connection_lost().await;
-                    attempts += 1;
-                    let failure = Failure::classify(&error, was_connected, self.config.mode());
-                    let failure =
-                        diagnose(failure, &self.config, self.current, self.tls.as_ref()).await;
-                    let outage = self.outage_since.get_or_insert_with(Instant::now).elapsed();
-                    let delay = self.backoff.next_delay(outage);
-                    warn!(
-                        broker = %self.broker(),
-                        cause = %failure,
-                        fix = %failure.fix(&self.config.names),
-                        retry_in = ?delay,
-                        attempts,
-                        "MQTT connection failed"
-                    );
-                    debug!(error = %crate::one_line(&error), "MQTT connection error detail");
-                    let _ = self
-                        .state
-                        .send(ConnectionState::Retrying { failure, attempts });
-                    if self.config.brokers.len() > 1 {
-                        self.current = (self.current + 1) % self.config.brokers.len();
-                        self.apply_options();
-                        info!(next = %self.broker(), "trying the next broker");
-                    }
-                    tokio::select! {
-                        _ = wait_for_stop(self.stop.clone()) => break,
-                        _ = tokio::time::sleep(delay) => {}
+                Ended::Lost(error) => {
+                    let detail = error.to_string();
+                    let failure = error.into_failure(true, self.config.mode());
+                    self.attempts += 1;
+                    self.link_down(self.retrying(&failure)).await;
+                    if !self.retry_later(&failure, &detail).await {
+                        break;
                     }
                 }
             }
         }
-        let _ = self.state.send(ConnectionState::Closed);
+        lock(&self.shared).set_down(ConnectionState::Closed);
         info!("MQTT client stopped");
     }
 
-    async fn on_connected(&mut self, session_present: bool) {
+    /// Attempts connections until one is up (CONNACK's session-present flag),
+    /// or until stopped (`None`).
+    async fn connect(&mut self) -> Option<bool> {
+        loop {
+            // Certificates rotate on disk; pick them up before every attempt.
+            if self.material.refresh(&self.config, false) {
+                self.configure();
+            }
+            let step = tokio::select! {
+                biased;
+                _ = wait_for_stop(self.stop.clone()) => Connecting::Stop,
+                command = next_command(&mut self.commands) => Connecting::Command(command),
+                attempt = self.session.connect(self.config.connect_timeout) => {
+                    Connecting::Attempt(attempt)
+                }
+            };
+            let error = match step {
+                Connecting::Stop | Connecting::Command(None) => return None,
+                Connecting::Command(Some(Command::ReloadTls)) => {
+                    // Not connected: the next attempt uses what is new.
+                    if self.material.reload(&self.config) {
+                        self.configure();
+                    }
+                    continue;
+                }
+                Connecting::Attempt(Ok(session_present)) => return Some(session_present),
+                Connecting::Attempt(Err(error)) => error,
+            };
+            if error.requests_done() || *self.stop.borrow() {
+                return None;
+            }
+            let detail = error.to_string();
+            let failure = error.into_failure(false, self.config.mode());
+            let failure = diagnose(
+                failure,
+                &self.config,
+                self.current,
+                self.material.setup.as_ref(),
+            )
+            .await;
+            self.attempts += 1;
+            lock(&self.shared).set_down(self.retrying(&failure));
+            if !self.retry_later(&failure, &detail).await {
+                return None;
+            }
+        }
+    }
+
+    fn retrying(&self, failure: &Failure) -> ConnectionState {
+        ConnectionState::Retrying {
+            failure: failure.clone(),
+            attempts: self.attempts,
+        }
+    }
+
+    /// Says why the attempt failed, moves to the next broker of the list, and
+    /// waits out the backoff. Returns `false` if stopped meanwhile.
+    async fn retry_later(&mut self, failure: &Failure, detail: &str) -> bool {
+        let outage = self.outage_since.get_or_insert_with(Instant::now).elapsed();
+        let delay = self.backoff.next_delay(outage);
+        warn!(
+            broker = %self.broker(),
+            cause = %failure,
+            class = failure.class(),
+            fix = %failure.fix(&self.config.names),
+            retry_in = ?delay,
+            attempts = self.attempts,
+            "MQTT connection failed"
+        );
+        debug!(error = %detail, "MQTT connection error detail");
+        if self.config.brokers.len() > 1 {
+            self.current = (self.current + 1) % self.config.brokers.len();
+            self.configure();
+            info!(next = %self.broker(), "trying the next broker");
+        }
+        tokio::select! {
+            _ = wait_for_stop(self.stop.clone()) => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+
+    /// CONNACK: restore what a session without memory lost, then open the
+    /// gate for requests.
+    fn on_connected(&mut self, session_present: bool) {
+        self.attempts = 0;
+        self.backoff.reset();
+        self.outage_since = None;
         info!(
             mode = %self.config.mode(),
             broker = %self.broker(),
@@ -200,7 +221,8 @@ impl Driver {
             "MQTT connection established"
         );
         if self
-            .tls
+            .material
+            .setup
             .as_ref()
             .is_some_and(|t| t.trust == Trust::SkipVerify)
         {
@@ -213,10 +235,12 @@ impl Driver {
         if !session_present {
             // The broker forgot our subscriptions and rumqttc dropped its
             // unacknowledged publishes: restore both from our own records.
-            if let Err(e) = shared.subscriptions.restore(&self.mqtt) {
-                error!(error = %e, "cannot queue the SUBSCRIBE");
+            if !shared.topics.is_empty() {
+                let topics = shared.topics.clone();
+                if let Err(e) = shared.requests.subscribe(topics, self.config.qos) {
+                    error!(error = %e, "cannot queue the SUBSCRIBE");
+                }
             }
-            shared.outbox.connection_lost();
             let pending = shared.outbox.pending();
             if !pending.is_empty() {
                 info!(
@@ -225,79 +249,100 @@ impl Driver {
                 );
             }
             for id in pending {
-                if let Err(e) = shared.send(&self.mqtt, id) {
+                if let Err(e) = shared.send(id) {
                     error!(error = %e, "cannot queue a publish");
                 }
             }
         }
-        shared.connected = true;
-        drop(shared);
-        let _ = self.state.send(ConnectionState::Connected);
+        shared.set_up();
     }
 
-    /// Everything but CONNACK and DISCONNECT: messages, acknowledgements, and
-    /// the packet ids rumqttc gives our requests.
+    /// Serves the established connection until it ends. We keep polling
+    /// even when asked to stop: that is what sends the DISCONNECT.
+    async fn serve(&mut self) -> Ended {
+        loop {
+            let polled = {
+                // Dropping this future mid-write could lose the packet being
+                // written, so it lives across the commands that leave the
+                // connection as it is.
+                let mut next = pin!(self.session.next());
+                loop {
+                    let step = tokio::select! {
+                        biased;
+                        command = next_command(&mut self.commands) => Serving::Command(command),
+                        polled = &mut next => Serving::Polled(polled),
+                    };
+                    match step {
+                        Serving::Command(Some(Command::ReloadTls)) => {
+                            if self.material.reload(&self.config) {
+                                return Ended::Reload;
+                            }
+                        }
+                        // Every client handle is gone: nobody can publish or stop us.
+                        Serving::Command(None) => {
+                            self.commands = None;
+                            lock(&self.shared).requests.disconnect();
+                        }
+                        Serving::Polled(polled) => break polled,
+                    }
+                }
+            };
+            match polled {
+                Ok(Event::Disconnected) => return Ended::Stopped,
+                Ok(event) => self.on_event(event).await,
+                Err(error) if error.requests_done() || *self.stop.borrow() => {
+                    return Ended::Stopped
+                }
+                Err(error) => return Ended::Lost(error),
+            }
+        }
+    }
+
+    /// Messages go to the service; acknowledgements and packet ids to the
+    /// bookkeeping.
     async fn on_event(&mut self, event: Event) {
         match event {
-            Event::Incoming(Incoming::Publish(publish)) => {
-                let message = Message {
-                    topic: publish.topic,
-                    payload: publish.payload,
-                };
+            Event::Message(message) => {
                 debug!(topic = %message.topic, bytes = message.payload.len(), "message received");
                 // A service that ignores messages drops the receiver; that is fine.
                 let _ = self.inbox.send(message).await;
             }
-            Event::Incoming(Incoming::SubAck(suback)) => {
-                self.on_suback(suback.pkid, &suback.return_codes)
-            }
-            event => {
-                // Bookkeeping, and rumqttc usually has more of it read and
-                // buffered (it reads and writes in batches): take it all
-                // under one lock, in order, rather than one poll per event.
-                let mut shared = lock(&self.shared);
-                let mut next = Some(event);
-                while let Some(event) = next {
-                    bookkeep(&mut shared, event);
-                    let buffered = &mut self.eventloop.state.events;
-                    next = match buffered.front().is_some_and(is_bookkeeping) {
-                        true => buffered.pop_front(),
-                        false => None,
-                    };
+            Event::Packet(packet) => self.bookkeep(packet),
+            Event::Disconnected | Event::Other => {}
+        }
+    }
+
+    /// rumqttc usually has more bookkeeping read and buffered (it reads and
+    /// writes in batches): take it all under one lock, in order, rather than
+    /// one poll per event.
+    fn bookkeep(&mut self, packet: Packet) {
+        let mut subacks = Vec::new();
+        {
+            let mut shared = lock(&self.shared);
+            let mut next = Some(packet);
+            while let Some(packet) = next {
+                match shared.requests.resolve(packet) {
+                    Some(Resolved::Delivered(id)) => shared.outbox.delivered(id),
+                    Some(Resolved::Subscribed { topics, granted }) => {
+                        subacks.push((topics, granted))
+                    }
+                    None => {}
                 }
+                next = self.session.next_buffered_packet();
             }
         }
-    }
-
-    /// Forgets the connection: no request may enter rumqttc's queue until the
-    /// next CONNACK, and what is queued now is dropped with the session, to be
-    /// sent again from the outbox.
-    async fn connection_lost(&mut self) {
-        // rumqttc keeps events it read but has not handed out yet, and would
-        // hand them out after the next CONNACK, where a PUBACK's packet id
-        // means another message. Handle them now, while the ids still mean
-        // what they meant: they are real acknowledgements and real messages.
-        let buffered: Vec<Event> = self.eventloop.state.events.drain(..).collect();
-        for event in buffered {
-            self.on_event(event).await;
+        for (topics, granted) in subacks {
+            self.on_suback(&topics, &granted);
         }
-        let mut shared = lock(&self.shared);
-        shared.connected = false;
-        self.eventloop.clean();
-        // A publish held back for a packet id of the old session would block
-        // the new one; the outbox sends it again anyway.
-        self.eventloop.state.collision = None;
-        shared.outbox.connection_lost();
     }
 
-    fn on_suback(&mut self, pkid: u16, codes: &[SubscribeReasonCode]) {
-        let topics = lock(&self.shared).subscriptions.acknowledged(pkid);
-        for (index, code) in codes.iter().enumerate() {
+    fn on_suback(&self, topics: &[String], granted: &[Option<QoS>]) {
+        for (index, qos) in granted.iter().enumerate() {
             // Display (%), not Debug: a topic in quotes is harder to grep.
             let topic = topics.get(index).map_or("?", String::as_str);
-            match code {
-                SubscribeReasonCode::Success(qos) => debug!(topic = %topic, ?qos, "subscribed"),
-                SubscribeReasonCode::Failure => error!(
+            match qos {
+                Some(qos) => debug!(topic = %topic, ?qos, "subscribed"),
+                None => error!(
                     topic = %topic,
                     client_id = %self.config.client_id,
                     "the broker refused the subscription: the client is likely not allowed on this topic \
@@ -307,47 +352,76 @@ impl Driver {
         }
     }
 
-    /// SIGHUP: use new TLS files now, reconnecting if they changed.
-    async fn reload(&mut self, connected: &mut bool) {
-        if self.config.tls.is_none() {
+    /// Forgets the connection, and publishes `next` as the state.
+    ///
+    /// rumqttc keeps events it read but has not handed out, and would hand
+    /// them out after the next CONNACK, where a PUBACK's packet id means
+    /// another message. Handle them now, while the ids still mean what they
+    /// meant: they are real acknowledgements and real messages. Then, under
+    /// the lock, close the gate and drop what is queued with the session: the
+    /// outbox sends it again after the next CONNACK.
+    async fn link_down(&mut self, next: ConnectionState) {
+        for event in self.session.take_buffered() {
+            self.on_event(event).await;
+        }
+        let mut shared = lock(&self.shared);
+        self.session.forget(&mut shared.requests);
+        shared.set_down(next);
+    }
+
+    /// The broker and TLS material of the next connection.
+    fn configure(&mut self) {
+        let broker = &self.config.brokers[self.current];
+        self.session
+            .configure(&self.config, broker, self.material.setup.as_ref());
+    }
+}
+
+/// The TLS material in use, and what is known of the files on disk.
+struct Material {
+    setup: Option<TlsSetup>,
+    /// The TLS files the current setup was built from.
+    fingerprint: u64,
+    /// TLS files found broken, so that we say so once, not at every attempt.
+    rejected: Option<u64>,
+}
+
+impl Material {
+    /// SIGHUP: re-reads the TLS files. Returns whether new material is now
+    /// in use; the caller reconnects with it.
+    fn reload(&mut self, config: &Options) -> bool {
+        if config.tls.is_none() {
             info!("TLS reload requested, but this service uses plain MQTT");
-            return;
+            return false;
         }
-        if self.refresh_tls(true) && *connected {
-            info!("reconnecting with the new TLS material");
-            *connected = false;
-            self.connection_lost().await;
-            self.eventloop.network = None;
-            let _ = self.state.send(ConnectionState::Connecting);
-        }
+        self.refresh(config, true)
     }
 
     /// Re-reads the TLS files if they changed on disk, checking them as at
     /// startup. Broken new files leave the material in use untouched. Returns
     /// whether new material is now in use.
-    fn refresh_tls(&mut self, asked: bool) -> bool {
-        let Some(settings) = &self.config.tls else {
+    fn refresh(&mut self, config: &Options, asked: bool) -> bool {
+        let Some(settings) = &config.tls else {
             return false;
         };
         let fingerprint = tls::fingerprint(settings);
-        if fingerprint == self.tls_fingerprint {
+        if fingerprint == self.fingerprint {
             if asked {
                 info!("TLS files unchanged");
             }
             return false;
         }
-        if self.rejected_fingerprint == Some(fingerprint) && !asked {
+        if self.rejected == Some(fingerprint) && !asked {
             return false;
         }
-        match TlsSetup::load(settings, &self.config.names, &self.config.client_key) {
+        match TlsSetup::load(settings, &config.names, &config.client_key) {
             Ok(setup) => {
                 for warning in &setup.warnings {
                     warn!("{warning}");
                 }
-                self.tls = Some(setup);
-                self.tls_fingerprint = fingerprint;
-                self.rejected_fingerprint = None;
-                self.apply_options();
+                self.setup = Some(setup);
+                self.fingerprint = fingerprint;
+                self.rejected = None;
                 info!("TLS files changed: using the new material");
                 true
             }
@@ -356,37 +430,10 @@ impl Driver {
                     cause = %crate::one_line(&error),
                     "the TLS files changed but cannot be used; keeping the material in use"
                 );
-                self.rejected_fingerprint = Some(fingerprint);
+                self.rejected = Some(fingerprint);
                 false
             }
         }
-    }
-
-    fn apply_options(&mut self) {
-        self.eventloop.mqtt_options = mqtt_options(&self.config, self.broker(), self.tls.as_ref());
-    }
-}
-
-/// Acknowledgements and the packet ids rumqttc gives our requests: what
-/// [`bookkeep`] handles.
-fn is_bookkeeping(event: &Event) -> bool {
-    matches!(
-        event,
-        Event::Incoming(Incoming::PubAck(_) | Incoming::PubComp(_))
-            | Event::Outgoing(
-                Outgoing::Publish(_) | Outgoing::AwaitAck(_) | Outgoing::Subscribe(_)
-            )
-    )
-}
-
-fn bookkeep(shared: &mut Shared, event: Event) {
-    match event {
-        Event::Incoming(Incoming::PubAck(ack)) => shared.outbox.acknowledged(ack.pkid),
-        Event::Incoming(Incoming::PubComp(comp)) => shared.outbox.acknowledged(comp.pkid),
-        Event::Outgoing(Outgoing::Publish(pkid)) => shared.outbox.sent(pkid),
-        Event::Outgoing(Outgoing::AwaitAck(pkid)) => shared.outbox.held_back(pkid),
-        Event::Outgoing(Outgoing::Subscribe(pkid)) => shared.subscriptions.sent(pkid),
-        _ => {}
     }
 }
 
@@ -408,27 +455,6 @@ async fn diagnose(
     }
 }
 
-/// What woke the driver.
-enum Step {
-    Stop,
-    Command(Option<Command>),
-    Polled(Result<Event, ConnectionError>),
-}
-
-/// One step of the event loop. A connection attempt gets our own timeout:
-/// rumqttc's has whole-second resolution.
-async fn poll(
-    eventloop: &mut EventLoop,
-    attempt_timeout: Option<Duration>,
-) -> Result<Event, ConnectionError> {
-    match attempt_timeout {
-        None => eventloop.poll().await,
-        Some(limit) => tokio::time::timeout(limit, eventloop.poll())
-            .await
-            .unwrap_or(Err(ConnectionError::NetworkTimeout)),
-    }
-}
-
 async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
@@ -439,23 +465,5 @@ async fn next_command(commands: &mut Option<mpsc::UnboundedReceiver<Command>>) -
     match commands {
         Some(commands) => commands.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::Secret;
-
-    /// Every broker of the list, every mode: rumqttc connects through our
-    /// socket (TCP_NODELAY, TCP_QUICKACK re-armed after reads), not its own.
-    #[test]
-    fn every_connection_opens_our_socket() {
-        let config =
-            Options::new("tcp://a:1883,tcp://b:1883", "proplet-1", Secret::new("k")).unwrap();
-        for broker in &config.brokers {
-            let options = mqtt_options(&config, broker, None);
-            assert!(options.socket_connector().is_some(), "{broker}");
-        }
     }
 }

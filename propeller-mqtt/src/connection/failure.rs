@@ -1,19 +1,28 @@
-//! Why a connection attempt failed, in words an operator can act on.
+//! Why a connection attempt failed: the typed cause (rustls' and the
+//! operating system's own errors, kept whole), a stable class for metrics,
+//! and, apart from both, advice an operator can act on.
 //!
-//! rumqttc reports TLS alerts, resets and refusals nested inside several layers
-//! of `io::Error`; [`Failure::classify`] digs the real cause out.
+//! TLS alerts, resets and refusals arrive nested inside several layers of
+//! `io::Error`; [`find`] digs the real cause out. The layers that belong to
+//! rumqttc are peeled by the adapter (`session.rs`), which builds a
+//! [`Failure`] from rumqttc's error; everything here is independent of it.
 
 use std::error::Error as StdError;
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
-use rumqttc::{ConnectReturnCode, ConnectionError, StateError};
 use rustls::{AlertDescription, CertificateError};
 
 use crate::{Mode, Names};
 
 /// A classified connection failure. Not fatal: the client retries with backoff.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// The variant says what went wrong in the operator's terms; its payload, and
+/// [`std::error::Error::source`], keep the cause as rustls or the operating
+/// system reported it. [`Failure::fix`] says what to do about it, and
+/// [`Failure::class`] names it for metrics.
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Failure {
     /// The broker's certificate does not chain to our CA.
@@ -27,92 +36,136 @@ pub enum Failure {
     },
     /// The broker's certificate has expired.
     BrokerCertificateExpired,
-    /// The broker's certificate is unusable for another reason.
-    BrokerCertificateInvalid(String),
+    /// The broker's certificate is unusable for another reason, as rustls
+    /// put it.
+    BrokerCertificateInvalid(CertificateError),
     /// The broker wants a client certificate and we sent none.
     ClientCertificateRequired,
-    /// The broker refused our client certificate.
-    ClientCertificateRejected(String),
+    /// The broker refused our client certificate: with the TLS alert it
+    /// sent, or `None` when it closed right after the handshake without one
+    /// (what nginx does).
+    ClientCertificateRejected(Option<AlertDescription>),
     /// The broker says our client certificate has expired.
     ClientCertificateExpired,
     /// The TLS handshake failed for another reason.
-    Tls(String),
+    Tls(rustls::Error),
     /// The server closed the connection before answering CONNECT.
     ClosedBeforeConnAck,
     /// The broker refused our username and password.
     NotAuthorized,
     /// The broker refused the connection for another reason.
     Refused(String),
-    /// Nothing answered at the address.
-    Unreachable(String),
+    /// Nothing answered at the address, or it cannot be resolved.
+    Unreachable(IoCause),
     /// The attempt took longer than the connect timeout.
     Timeout,
     /// An established connection was lost.
-    ConnectionLost(String),
+    ConnectionLost(ConnectionLoss),
+}
+
+/// Why an established connection ended.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ConnectionLoss {
+    /// The broker closed it: end of stream, or a reset.
+    Closed,
+    /// No answer to the keep-alive ping: the link is dead or half-open.
+    KeepAliveTimeout,
+    /// A write to the broker did not finish within the connect timeout.
+    WriteTimeout,
+    /// Another I/O error.
+    Io(IoCause),
+    /// The broker broke the protocol (an acknowledgement for nothing, a
+    /// packet that cannot be decoded, ...), in the MQTT library's words.
+    Protocol(String),
+}
+
+/// An I/O error as the operating system reported it, shared so that a
+/// [`Failure`] stays cheap to clone. Two are equal when their kinds are:
+/// the text of an OS error is not part of its identity.
+#[derive(Debug, Clone)]
+pub struct IoCause(Arc<io::Error>);
+
+impl IoCause {
+    /// What kind of error it is.
+    pub fn kind(&self) -> io::ErrorKind {
+        self.0.kind()
+    }
+
+    /// The error itself.
+    pub fn get(&self) -> &io::Error {
+        &self.0
+    }
+}
+
+impl From<io::Error> for IoCause {
+    fn from(error: io::Error) -> Self {
+        Self(Arc::new(error))
+    }
+}
+
+impl PartialEq for IoCause {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind() == other.kind()
+    }
+}
+
+impl Eq for IoCause {}
+
+impl fmt::Display for IoCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind() {
+            // The OS says "Connection refused (os error 111)"; say what it means.
+            io::ErrorKind::ConnectionRefused => {
+                f.write_str("connection refused: nothing listens at that address")
+            }
+            _ => self.0.fmt(f),
+        }
+    }
 }
 
 impl Failure {
-    /// Classifies a rumqttc error. `connected` says whether a CONNACK had been
-    /// received on this connection; `mode` helps read ambiguous TLS alerts.
-    pub fn classify(error: &ConnectionError, connected: bool, mode: Mode) -> Self {
-        match error {
-            ConnectionError::ConnectionRefused(
-                ConnectReturnCode::NotAuthorized | ConnectReturnCode::BadUserNamePassword,
-            ) => return Failure::NotAuthorized,
-            ConnectionError::ConnectionRefused(code) => {
-                return Failure::Refused(format!("{code:?}"))
-            }
-            ConnectionError::NetworkTimeout => return Failure::Timeout,
-            ConnectionError::FlushTimeout => {
-                return Failure::ConnectionLost("a write to the broker timed out".to_owned())
-            }
-            ConnectionError::MqttState(StateError::AwaitPingResp) => {
-                return Failure::ConnectionLost(
-                    "no answer to the keep-alive ping: the link is dead or half-open".to_owned(),
-                )
-            }
-            ConnectionError::NotConnAck(packet) => {
-                return Failure::Refused(format!("the broker answered CONNECT with {packet:?}"))
-            }
-            _ => {}
-        }
-        if let Some(tls) = find::<rustls::Error>(error) {
-            return Self::from_tls(tls, mode);
-        }
-        let closed = || match connected {
-            false => Failure::ClosedBeforeConnAck,
-            true => Failure::ConnectionLost("the broker closed the connection".to_owned()),
-        };
-        if matches!(
-            error,
-            ConnectionError::MqttState(StateError::ConnectionAborted)
-        ) {
-            return closed();
-        }
-        if let Some(io) = find::<io::Error>(error) {
-            use io::ErrorKind::*;
-            return match io.kind() {
-                UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => closed(),
-                ConnectionRefused => Failure::Unreachable(
-                    "connection refused: nothing listens at that address".to_owned(),
-                ),
-                TimedOut => Failure::Timeout,
-                _ if connected => Failure::ConnectionLost(io.to_string()),
-                _ => Failure::Unreachable(io.to_string()),
-            };
-        }
-        match connected {
-            true => Failure::ConnectionLost(error.to_string()),
-            false => Failure::Refused(error.to_string()),
-        }
-    }
-
     /// The TLS failure inside an I/O error, if there is one.
     pub fn from_io(error: &io::Error, mode: Mode) -> Option<Self> {
-        find::<rustls::Error>(error).map(|tls| Self::from_tls(tls, mode))
+        find::<rustls::Error>(error, no_hidden_causes).map(|tls| Self::from_tls(tls, mode))
     }
 
-    fn from_tls(error: &rustls::Error, mode: Mode) -> Self {
+    /// Classifies an I/O error met before the broker answered CONNECT (while
+    /// connecting, in the TLS handshake, or waiting for CONNACK), as the
+    /// client does.
+    pub fn from_connect_error(error: io::Error, mode: Mode) -> Self {
+        Self::from_io_error(error, false, mode)
+    }
+
+    /// Classifies an I/O error; `connected` says whether a CONNACK had been
+    /// received on this connection, which is what tells a refusal from a loss.
+    pub(crate) fn from_io_error(error: io::Error, connected: bool, mode: Mode) -> Self {
+        if let Some(tls) = Self::from_io(&error, mode) {
+            return tls;
+        }
+        use io::ErrorKind::*;
+        match error.kind() {
+            UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+                Self::closed(connected)
+            }
+            TimedOut => Failure::Timeout,
+            ConnectionRefused => Failure::Unreachable(error.into()),
+            _ if connected => Failure::ConnectionLost(ConnectionLoss::Io(error.into())),
+            _ => Failure::Unreachable(error.into()),
+        }
+    }
+
+    /// The stream ended: before CONNACK, a refusal the server did not explain;
+    /// after, a lost connection.
+    pub(crate) fn closed(connected: bool) -> Self {
+        match connected {
+            false => Failure::ClosedBeforeConnAck,
+            true => Failure::ConnectionLost(ConnectionLoss::Closed),
+        }
+    }
+
+    /// Classifies a rustls error; `mode` helps read ambiguous alerts.
+    pub(crate) fn from_tls(error: &rustls::Error, mode: Mode) -> Self {
         match error {
             rustls::Error::InvalidCertificate(cert) => match cert {
                 CertificateError::UnknownIssuer => Failure::BrokerUntrusted,
@@ -130,7 +183,7 @@ impl Failure {
                 CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
                     Failure::BrokerCertificateExpired
                 }
-                other => Failure::BrokerCertificateInvalid(format!("{other:?}")),
+                other => Failure::BrokerCertificateInvalid(other.clone()),
             },
             rustls::Error::AlertReceived(alert) => match alert {
                 AlertDescription::CertificateRequired => Failure::ClientCertificateRequired,
@@ -149,12 +202,89 @@ impl Failure {
                 | AlertDescription::AccessDenied
                 | AlertDescription::DecryptError
                 | AlertDescription::HandshakeFailure => {
-                    Failure::ClientCertificateRejected(format!("{alert:?}"))
+                    Failure::ClientCertificateRejected(Some(*alert))
                 }
-                other => Failure::Tls(format!("the broker sent the TLS alert {other:?}")),
+                _ => Failure::Tls(error.clone()),
             },
-            other => Failure::Tls(other.to_string()),
+            other => Failure::Tls(other.clone()),
         }
+    }
+
+    /// A short name for the kind of failure that stays the same across
+    /// releases, for metrics labels and log queries: `broker-untrusted`,
+    /// `closed-before-connack`, `unreachable`, ...
+    pub fn class(&self) -> &'static str {
+        match self {
+            Failure::BrokerUntrusted => "broker-untrusted",
+            Failure::BrokerNameMismatch { .. } => "broker-name-mismatch",
+            Failure::BrokerCertificateExpired => "broker-certificate-expired",
+            Failure::BrokerCertificateInvalid(_) => "broker-certificate-invalid",
+            Failure::ClientCertificateRequired => "client-certificate-required",
+            Failure::ClientCertificateRejected(_) => "client-certificate-rejected",
+            Failure::ClientCertificateExpired => "client-certificate-expired",
+            Failure::Tls(_) => "tls",
+            Failure::ClosedBeforeConnAck => "closed-before-connack",
+            Failure::NotAuthorized => "not-authorized",
+            Failure::Refused(_) => "refused",
+            Failure::Unreachable(_) => "unreachable",
+            Failure::Timeout => "timeout",
+            Failure::ConnectionLost(_) => "connection-lost",
+        }
+    }
+
+    /// Whether TLS failed: a certificate on either side, or the handshake.
+    pub fn is_tls(&self) -> bool {
+        self.is_broker_certificate()
+            || self.is_client_certificate()
+            || matches!(self, Failure::Tls(_))
+    }
+
+    /// Whether the broker's certificate is the problem (trust, name, expiry).
+    pub fn is_broker_certificate(&self) -> bool {
+        matches!(
+            self,
+            Failure::BrokerUntrusted
+                | Failure::BrokerNameMismatch { .. }
+                | Failure::BrokerCertificateExpired
+                | Failure::BrokerCertificateInvalid(_)
+        )
+    }
+
+    /// Whether our client certificate is the problem: missing, refused or expired.
+    pub fn is_client_certificate(&self) -> bool {
+        matches!(
+            self,
+            Failure::ClientCertificateRequired
+                | Failure::ClientCertificateRejected(_)
+                | Failure::ClientCertificateExpired
+        )
+    }
+
+    /// Whether the broker refused our username and password.
+    pub fn is_credentials(&self) -> bool {
+        matches!(self, Failure::NotAuthorized)
+    }
+
+    /// Whether the network or the broker's availability is the problem rather
+    /// than our settings: nothing answered, no answer in time, or a
+    /// connection that was up was lost.
+    pub fn is_network(&self) -> bool {
+        matches!(
+            self,
+            Failure::Unreachable(_) | Failure::Timeout | Failure::ConnectionLost(_)
+        )
+    }
+
+    /// Whether something took too long: the connection attempt, a write, or
+    /// the answer to a keep-alive ping.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            Failure::Timeout
+                | Failure::ConnectionLost(
+                    ConnectionLoss::KeepAliveTimeout | ConnectionLoss::WriteTimeout
+                )
+        )
     }
 
     /// What the operator can do about it, naming the settings as `names` does.
@@ -241,12 +371,21 @@ impl fmt::Display for Failure {
             Failure::ClientCertificateRequired => {
                 f.write_str("the broker requires a client certificate and we sent none")
             }
-            Failure::ClientCertificateRejected(alert) => {
-                write!(f, "the broker rejected our client certificate ({alert})")
+            Failure::ClientCertificateRejected(Some(alert)) => {
+                write!(f, "the broker rejected our client certificate ({alert:?})")
             }
+            Failure::ClientCertificateRejected(None) => f.write_str(
+                "the broker rejected our client certificate (closed right after the TLS handshake, \
+                 as nginx does for a client certificate that is not signed by its \
+                 ssl_client_certificate CA or has expired)",
+            ),
             Failure::ClientCertificateExpired => {
                 f.write_str("the broker says our client certificate has expired")
             }
+            Failure::Tls(rustls::Error::AlertReceived(alert)) => write!(
+                f,
+                "the TLS handshake failed: the broker sent the TLS alert {alert:?}"
+            ),
             Failure::Tls(why) => write!(f, "the TLS handshake failed: {why}"),
             Failure::ClosedBeforeConnAck => {
                 f.write_str("the connection was closed before the broker answered CONNECT")
@@ -262,6 +401,35 @@ impl fmt::Display for Failure {
     }
 }
 
+impl fmt::Display for ConnectionLoss {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectionLoss::Closed => f.write_str("the broker closed the connection"),
+            ConnectionLoss::KeepAliveTimeout => {
+                f.write_str("no answer to the keep-alive ping: the link is dead or half-open")
+            }
+            ConnectionLoss::WriteTimeout => f.write_str("a write to the broker timed out"),
+            ConnectionLoss::Io(why) => why.fmt(f),
+            ConnectionLoss::Protocol(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The cause as its own error type, where it has one: rustls' error, or the
+/// operating system's. A certificate error or an alert is in the variant
+/// itself (rustls does not make those errors of their own).
+impl StdError for Failure {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            Failure::Tls(error) => Some(error),
+            Failure::Unreachable(io) | Failure::ConnectionLost(ConnectionLoss::Io(io)) => {
+                Some(io.get())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// rustls reports presented names in Debug form, `DnsName("nginx")`: keep the name.
 fn plain_name(presented: &str) -> String {
     match (presented.find('"'), presented.rfind('"')) {
@@ -270,11 +438,25 @@ fn plain_name(presented: &str) -> String {
     }
 }
 
+/// One step into a cause that its error type does not expose as `source()`.
+pub(crate) type Hidden =
+    for<'e> fn(&'e (dyn StdError + 'static)) -> Option<&'e (dyn StdError + 'static)>;
+
+/// For errors whose causes are all reachable through `source()`.
+pub(crate) fn no_hidden_causes<'e>(
+    _: &'e (dyn StdError + 'static),
+) -> Option<&'e (dyn StdError + 'static)> {
+    None
+}
+
 /// The first error of type `T` in `error`'s cause chain.
 ///
-/// `io::Error::source` skips the error it wraps, so we step into `get_ref` instead.
-/// rumqttc's codec error hides its io::Error entirely; we step into that too.
-fn find<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a T> {
+/// `io::Error::source` skips the error it wraps, so we step into `get_ref`
+/// instead; `hidden` steps into other wrappers that hide their cause.
+pub(crate) fn find<'a, T: StdError + 'static>(
+    error: &'a (dyn StdError + 'static),
+    hidden: Hidden,
+) -> Option<&'a T> {
     let mut current = Some(error);
     while let Some(error) = current {
         if let Some(found) = error.downcast_ref::<T>() {
@@ -282,11 +464,8 @@ fn find<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Optio
         }
         current = if let Some(io) = error.downcast_ref::<io::Error>() {
             io.get_ref().map(|inner| inner as &(dyn StdError + 'static))
-        } else if let Some(rumqttc::mqttbytes::Error::Io(io)) = error.downcast_ref() {
-            // rumqttc's codec error does not expose its io::Error as a source.
-            Some(io as &(dyn StdError + 'static))
         } else {
-            error.source()
+            hidden(error).or_else(|| error.source())
         };
     }
     None
@@ -296,45 +475,129 @@ fn find<'a, T: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Optio
 mod tests {
     use super::*;
 
-    fn io_wrapping(inner: rustls::Error) -> ConnectionError {
-        ConnectionError::Io(io::Error::new(io::ErrorKind::InvalidData, inner))
+    fn io_wrapping(inner: rustls::Error) -> io::Error {
+        io::Error::new(io::ErrorKind::InvalidData, inner)
     }
 
     #[test]
     fn tls_errors_nested_in_io_errors_are_found() {
-        let error = ConnectionError::MqttState(StateError::Io(io::Error::new(
-            io::ErrorKind::InvalidData,
-            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
-        )));
-        assert_eq!(
-            Failure::classify(&error, false, Mode::Tls),
-            Failure::ClientCertificateRequired
-        );
-        let error = io_wrapping(rustls::Error::InvalidCertificate(
-            CertificateError::UnknownIssuer,
+        let error = io_wrapping(rustls::Error::AlertReceived(
+            AlertDescription::CertificateRequired,
         ));
         assert_eq!(
-            Failure::classify(&error, false, Mode::Tls),
+            Failure::from_connect_error(error, Mode::Tls),
+            Failure::ClientCertificateRequired
+        );
+        let error = io::Error::other(io_wrapping(rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer,
+        )));
+        assert_eq!(
+            Failure::from_connect_error(error, Mode::Tls),
             Failure::BrokerUntrusted
         );
     }
 
     #[test]
     fn a_closed_stream_depends_on_whether_connack_came() {
-        let error = ConnectionError::MqttState(StateError::ConnectionAborted);
+        let reset = || io::Error::from(io::ErrorKind::ConnectionReset);
         assert_eq!(
-            Failure::classify(&error, false, Mode::MutualTls),
+            Failure::from_io_error(reset(), false, Mode::Plain),
             Failure::ClosedBeforeConnAck
         );
-        assert!(matches!(
-            Failure::classify(&error, true, Mode::MutualTls),
-            Failure::ConnectionLost(_)
-        ));
-        let reset = ConnectionError::Io(io::ErrorKind::ConnectionReset.into());
         assert_eq!(
-            Failure::classify(&reset, false, Mode::Plain),
-            Failure::ClosedBeforeConnAck
+            Failure::from_io_error(reset(), true, Mode::Plain),
+            Failure::ConnectionLost(ConnectionLoss::Closed)
         );
+    }
+
+    /// The typed cause survives: the io error is the source, compared by kind.
+    #[test]
+    fn io_causes_are_kept_and_compared_by_kind() {
+        let refused = Failure::from_connect_error(
+            io::Error::new(io::ErrorKind::ConnectionRefused, "refused by the OS"),
+            Mode::Plain,
+        );
+        let Failure::Unreachable(cause) = &refused else {
+            panic!("{refused:?}");
+        };
+        assert_eq!(cause.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(
+            refused.to_string().contains("connection refused"),
+            "{refused}"
+        );
+        let source = refused.source().expect("a source");
+        let io = source.downcast_ref::<io::Error>().expect("an io::Error");
+        assert_eq!(io.to_string(), "refused by the OS");
+        assert_eq!(
+            refused,
+            Failure::Unreachable(io::Error::from(io::ErrorKind::ConnectionRefused).into())
+        );
+        assert_ne!(
+            refused,
+            Failure::Unreachable(io::Error::from(io::ErrorKind::NotFound).into())
+        );
+        let lost = Failure::from_io_error(io::Error::other("no route"), true, Mode::Plain);
+        assert!(lost.is_network() && !lost.is_timeout(), "{lost:?}");
+        assert!(lost.source().is_some());
+    }
+
+    #[test]
+    fn rustls_errors_stay_typed() {
+        let alert = rustls::Error::AlertReceived(AlertDescription::ProtocolVersion);
+        let failure = Failure::from_tls(&alert, Mode::Tls);
+        assert_eq!(failure, Failure::Tls(alert.clone()));
+        assert!(failure.is_tls() && !failure.is_client_certificate());
+        assert_eq!(
+            failure.to_string(),
+            "the TLS handshake failed: the broker sent the TLS alert ProtocolVersion"
+        );
+        let source = failure
+            .source()
+            .and_then(|s| s.downcast_ref::<rustls::Error>());
+        assert_eq!(source, Some(&alert));
+
+        let rejected = Failure::from_tls(
+            &rustls::Error::AlertReceived(AlertDescription::BadCertificate),
+            Mode::MutualTls,
+        );
+        assert_eq!(
+            rejected,
+            Failure::ClientCertificateRejected(Some(AlertDescription::BadCertificate))
+        );
+        assert!(rejected.is_client_certificate() && rejected.is_tls());
+
+        let invalid = Failure::from_tls(
+            &rustls::Error::InvalidCertificate(CertificateError::BadSignature),
+            Mode::Tls,
+        );
+        assert_eq!(
+            invalid,
+            Failure::BrokerCertificateInvalid(CertificateError::BadSignature)
+        );
+        assert!(invalid.is_broker_certificate() && invalid.is_tls());
+        assert_eq!(invalid.class(), "broker-certificate-invalid");
+    }
+
+    #[test]
+    fn predicates_and_classes() {
+        let cases = [
+            (Failure::BrokerUntrusted, "broker-untrusted"),
+            (Failure::ClosedBeforeConnAck, "closed-before-connack"),
+            (Failure::NotAuthorized, "not-authorized"),
+            (Failure::Timeout, "timeout"),
+            (
+                Failure::ConnectionLost(ConnectionLoss::KeepAliveTimeout),
+                "connection-lost",
+            ),
+        ];
+        for (failure, class) in &cases {
+            assert_eq!(failure.class(), *class);
+        }
+        assert!(Failure::NotAuthorized.is_credentials());
+        assert!(!Failure::NotAuthorized.is_network());
+        assert!(Failure::Timeout.is_timeout() && Failure::Timeout.is_network());
+        assert!(Failure::ConnectionLost(ConnectionLoss::KeepAliveTimeout).is_timeout());
+        assert!(!Failure::ClosedBeforeConnAck.is_tls());
     }
 
     #[test]

@@ -1,29 +1,33 @@
-//! The MQTT client: one rumqttc event loop driven by a background task that
+//! The MQTT client: one MQTT session driven by a background task that
 //! reconnects with backoff, fails over between brokers, re-reads rotated TLS
 //! files, restores subscriptions, and re-sends what the broker has not
 //! acknowledged.
+//!
+//! rumqttc, the MQTT library underneath, is known to one file only: the
+//! adapter, `session.rs`, which lists what it relies on.
 
 mod backoff;
 mod driver;
 mod failure;
 mod outbox;
+#[cfg(test)]
+mod peer;
 mod probe;
+mod session;
 mod socket;
-mod subscriptions;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
-use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-pub use failure::Failure;
+pub use failure::{ConnectionLoss, Failure, IoCause};
 
 /// The diagnosis steps the client takes itself, for tools that walk a
 /// connection one step at a time (`propeller-mqtt check`).
@@ -31,13 +35,13 @@ pub mod diagnose {
     pub use super::probe::{verdict, VERDICT_WAIT};
 }
 
-use crate::{ClientError, ConfigError, Options};
+use crate::{ClientError, ConfigError, Options, QoS};
 use outbox::Outbox;
-use subscriptions::Subscriptions;
+use session::{publish_size, Requests};
 
 /// Inbound messages waiting for the service.
 const INBOX: usize = 256;
-/// Room in rumqttc's request queue beyond the outbox, for SUBSCRIBE and
+/// Room in the request queue beyond the outbox, for SUBSCRIBE and
 /// DISCONNECT, so that queueing never waits (see [`Shared`]).
 const CONTROL_REQUESTS: usize = 1024;
 
@@ -51,7 +55,7 @@ pub struct Message {
 }
 
 /// Where the connection stands, observable through [`Client::state`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ConnectionState {
     /// An attempt is under way (the first, or after a reload).
     Connecting,
@@ -86,36 +90,69 @@ impl Delivery {
 }
 
 /// State shared by the client handles and the driver, under one lock so that
-/// "connected", the outbox and rumqttc's request queue always agree.
+/// "connected", the outbox and the request queue always agree.
 ///
-/// Requests enter rumqttc's queue only while connected and only under this
-/// lock, and the queue has room for every outbox entry plus
-/// [`CONTROL_REQUESTS`], so sending under the lock never waits. The lock is
-/// a plain (not async) mutex: it is never held across an `.await`, and it is
-/// taken for a few map operations at a time, so a publisher and the driver
-/// never park each other on it.
+/// Requests enter the queue only while connected and only under this lock,
+/// and the queue has room for every outbox entry plus [`CONTROL_REQUESTS`],
+/// so sending under the lock never waits. The lock is a plain (not async)
+/// mutex: it is never held across an `.await`, and it is taken for a few map
+/// operations at a time, so a publisher and the driver never park each other
+/// on it.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub connected: bool,
+    /// Whether the connection is up: CONNACK received and not lost since.
+    /// The one record of it. The driver serves the connection exactly while
+    /// it is set, and [`ConnectionState`] is published only together with it
+    /// ([`Shared::set_up`], [`Shared::set_down`]).
+    connected: bool,
+    state: watch::Sender<ConnectionState>,
     pub outbox: Outbox,
-    pub subscriptions: Subscriptions,
+    /// The topics to subscribe at every connection without a session.
+    pub topics: Vec<String>,
+    pub requests: Requests,
 }
 
 impl Shared {
-    /// Puts outbox entry `id` on rumqttc's request queue.
-    pub fn send(&mut self, mqtt: &AsyncClient, id: u64) -> Result<(), ClientError> {
-        let Some(entry) = self.outbox.get(id) else {
-            return Ok(());
-        };
-        let queued =
-            mqtt.publish_bytes(entry.topic.clone(), entry.qos, false, entry.payload.clone());
-        match ready_now(queued) {
-            Some(Ok(())) => {}
-            // Closed, or (against the sizing above) full.
-            Some(Err(_)) | None => return Err(ClientError::Closed),
+    fn new(
+        state: watch::Sender<ConnectionState>,
+        outbox: Outbox,
+        topics: Vec<String>,
+        requests: Requests,
+    ) -> Self {
+        Self {
+            connected: false,
+            state,
+            outbox,
+            topics,
+            requests,
         }
-        self.outbox.queued(id);
-        Ok(())
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected
+    }
+
+    /// The connection is up: requests may enter the queue.
+    pub fn set_up(&mut self) {
+        self.connected = true;
+        self.state.send_replace(ConnectionState::Connected);
+    }
+
+    /// The connection is down (or was never up), for the reason `state` says.
+    pub fn set_down(&mut self, state: ConnectionState) {
+        debug_assert!(state != ConnectionState::Connected);
+        self.connected = false;
+        self.state.send_replace(state);
+    }
+
+    /// Puts outbox entry `id` on the request queue.
+    pub fn send(&mut self, id: u64) -> Result<(), ClientError> {
+        match self.outbox.get(id) {
+            Some(entry) => self
+                .requests
+                .publish(id, &entry.topic, &entry.payload, entry.qos),
+            None => Ok(()),
+        }
     }
 }
 
@@ -123,34 +160,6 @@ impl Shared {
 /// critical section leaves it consistent between statements.
 pub(crate) fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Polls `future` once: its output if it is ready at once. rumqttc's queue
-/// takes a request without waiting when it has room, which [`Shared`]
-/// guarantees; this lets the request enter under the plain lock.
-fn ready_now<F: Future>(future: F) -> Option<F::Output> {
-    match pin!(future).poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(output) => Some(output),
-        Poll::Pending => None,
-    }
-}
-
-/// The size of a PUBLISH packet: fixed header, remaining length, topic,
-/// packet id (QoS 1 and 2) and payload, as rumqttc checks it against the
-/// maximum packet size.
-fn publish_size(topic: usize, payload: usize, qos: QoS) -> usize {
-    let id = match qos {
-        QoS::AtMostOnce => 0,
-        _ => 2,
-    };
-    let remaining = 2 + topic + id + payload;
-    let length_bytes = match remaining {
-        0..=127 => 1,
-        128..=16_383 => 2,
-        16_384..=2_097_151 => 3,
-        _ => 4,
-    };
-    1 + length_bytes + remaining
 }
 
 /// What a client handle asks of the driver.
@@ -169,7 +178,6 @@ pub struct Client {
 
 #[derive(Debug)]
 struct Inner {
-    mqtt: AsyncClient,
     qos: QoS,
     shared: Arc<Mutex<Shared>>,
     state: watch::Receiver<ConnectionState>,
@@ -214,31 +222,29 @@ impl Client {
                 warn!("{warning}");
             }
         }
-        let options = driver::mqtt_options(config, &config.brokers[0], tls.as_ref());
-        let (mqtt, eventloop) = AsyncClient::new(options, config.outbox_limit + CONTROL_REQUESTS);
         // The socket (TCP_NODELAY, TCP_QUICKACK) is ours: see `socket`.
+        let (session, requests) =
+            session::open(config, tls.as_ref(), config.outbox_limit + CONTROL_REQUESTS);
         let (inbox_tx, inbox_rx) = mpsc::channel(INBOX);
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Mutex::new(Shared {
-            connected: false,
-            outbox: Outbox::new(config.outbox_limit),
-            subscriptions: Subscriptions::new(topics, config.qos),
-        }));
+        let shared = Arc::new(Mutex::new(Shared::new(
+            state_tx,
+            Outbox::new(config.outbox_limit),
+            topics,
+            requests,
+        )));
         let driver = driver::Driver::new(driver::Parts {
-            eventloop,
-            mqtt: mqtt.clone(),
+            session,
             config: config.clone(),
             tls,
             shared: shared.clone(),
             inbox: inbox_tx,
-            state: state_tx,
             stop: stop_rx,
             commands: commands_rx,
         });
         let inner = Inner {
-            mqtt,
             qos: config.qos,
             shared,
             state: state_rx,
@@ -300,8 +306,8 @@ impl Client {
                 var: self.inner.outbox_var.clone(),
                 limit: self.inner.outbox_limit,
             })?;
-        if shared.connected {
-            shared.send(&self.inner.mqtt, id)?;
+        if shared.connected() {
+            shared.send(id)?;
         }
         Ok(Delivery(delivered))
     }
@@ -314,14 +320,12 @@ impl Client {
     pub async fn subscribe(&self, topic: impl Into<String>) -> Result<(), ClientError> {
         let topic = topic.into();
         let mut shared = lock(&self.inner.shared);
-        if shared.subscriptions.all.contains(&topic) {
+        if shared.topics.contains(&topic) {
             return Ok(());
         }
-        shared.subscriptions.all.push(topic.clone());
-        if shared.connected {
-            shared
-                .subscriptions
-                .subscribe(&self.inner.mqtt, vec![topic])?;
+        shared.topics.push(topic.clone());
+        if shared.connected() {
+            shared.requests.subscribe(vec![topic], self.inner.qos)?;
         }
         Ok(())
     }
@@ -369,7 +373,7 @@ impl Client {
             );
         }
         let _ = self.inner.stop.send(true);
-        let _ = self.inner.mqtt.try_disconnect();
+        lock(&self.inner.shared).requests.disconnect();
         let driver = self
             .inner
             .driver
@@ -386,29 +390,5 @@ impl Client {
             }
         }
         left
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Our size check agrees with the one rumqttc applies when writing, at
-    /// every boundary of the remaining-length encoding.
-    #[test]
-    fn publish_size_is_rumqttcs() {
-        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
-            for payload in [0, 100, 122, 123, 124, 16_370, 16_380, 2_097_140, 2_097_150] {
-                let topic = "m/d/c/ch/control/proplet/results";
-                let mut packet = rumqttc::Publish::new(topic, qos, vec![0u8; payload]);
-                // As sent: rumqttc gives QoS 1 and 2 a packet id.
-                packet.pkid = 1;
-                assert_eq!(
-                    publish_size(topic.len(), payload, qos),
-                    rumqttc::Packet::Publish(packet).size(),
-                    "{qos:?} {payload}"
-                );
-            }
-        }
     }
 }

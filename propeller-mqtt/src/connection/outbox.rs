@@ -3,15 +3,16 @@
 //!
 //! rumqttc forgets its unacknowledged publishes whenever the broker kept no
 //! session (always, with a clean session), so we keep our own record and send
-//! them again after every such CONNACK. rumqttc picks packet ids as it sends, in
-//! request order, and reports each with `Outgoing::Publish(pkid)`; we match
-//! that order to find which message an acknowledgement is for.
+//! them again after every such CONNACK. Which message an acknowledgement is
+//! for is the adapter's business (`session::Requests`): the outbox only
+//! hears "message `id` is delivered".
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use rumqttc::QoS;
 use tokio::sync::oneshot;
+
+use crate::QoS;
 
 /// One message waiting to be acknowledged (or, at QoS 0, sent).
 #[derive(Debug)]
@@ -19,7 +20,7 @@ pub(crate) struct Entry {
     pub topic: String,
     pub payload: Bytes,
     pub qos: QoS,
-    done: Option<oneshot::Sender<()>>,
+    done: oneshot::Sender<()>,
 }
 
 #[derive(Debug)]
@@ -28,13 +29,6 @@ pub(crate) struct Outbox {
     next_id: u64,
     /// Every message not yet acknowledged, in publishing order.
     entries: BTreeMap<u64, Entry>,
-    /// Ids handed to rumqttc's request queue, not yet given a packet id.
-    queued: VecDeque<u64>,
-    /// Packet id to message id, for messages on the wire.
-    on_wire: HashMap<u16, u64>,
-    /// A publish rumqttc held back because its packet id was still in use; it
-    /// reports the same packet id again when it finally sends it.
-    collided: Option<(u16, u64)>,
 }
 
 /// The outbox is full: the caller must wait or drop the message.
@@ -47,9 +41,6 @@ impl Outbox {
             limit,
             next_id: 0,
             entries: BTreeMap::new(),
-            queued: VecDeque::new(),
-            on_wire: HashMap::new(),
-            collided: None,
         }
     }
 
@@ -76,7 +67,7 @@ impl Outbox {
                 topic,
                 payload,
                 qos,
-                done: Some(done),
+                done,
             },
         );
         Ok((id, delivered))
@@ -86,64 +77,17 @@ impl Outbox {
         self.entries.get(&id)
     }
 
-    /// Notes that `id` was put on rumqttc's request queue.
-    pub fn queued(&mut self, id: u64) {
-        self.queued.push_back(id);
-    }
-
-    /// rumqttc sent the next queued publish with `pkid` (0 for QoS 0).
-    pub fn sent(&mut self, pkid: u16) {
-        let id = match self.collided {
-            Some((held, id)) if held == pkid && pkid != 0 => {
-                self.collided = None;
-                id
-            }
-            _ => match self.queued.pop_front() {
-                Some(id) => id,
-                None => return,
-            },
-        };
-        if pkid == 0 {
-            // QoS 0: sent is all it will ever be.
-            self.complete(id);
-        } else {
-            self.on_wire.insert(pkid, id);
+    /// The broker has message `id`: resolve its delivery, once.
+    pub fn delivered(&mut self, id: u64) {
+        if let Some(entry) = self.entries.remove(&id) {
+            // The caller may have dropped its Delivery: fine.
+            let _ = entry.done.send(());
         }
-    }
-
-    /// rumqttc held back the next queued publish until `pkid` is acknowledged.
-    pub fn held_back(&mut self, pkid: u16) {
-        if let Some(id) = self.queued.pop_front() {
-            self.collided = Some((pkid, id));
-        }
-    }
-
-    /// The broker acknowledged `pkid` (PUBACK at QoS 1, PUBCOMP at QoS 2).
-    pub fn acknowledged(&mut self, pkid: u16) {
-        if let Some(id) = self.on_wire.remove(&pkid) {
-            self.complete(id);
-        }
-    }
-
-    /// The connection is gone, and with it every packet id and queued request;
-    /// [`Outbox::pending`] lists what to send again.
-    pub fn connection_lost(&mut self) {
-        self.queued.clear();
-        self.on_wire.clear();
-        self.collided = None;
     }
 
     /// Every message still unacknowledged, in publishing order.
     pub fn pending(&self) -> Vec<u64> {
         self.entries.keys().copied().collect()
-    }
-
-    fn complete(&mut self, id: u64) {
-        if let Some(mut entry) = self.entries.remove(&id) {
-            if let Some(done) = entry.done.take() {
-                let _ = done.send(());
-            }
-        }
     }
 }
 
@@ -151,61 +95,22 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn outbox_with(n: usize, qos: QoS) -> (Outbox, Vec<oneshot::Receiver<()>>) {
+    #[test]
+    fn deliveries_resolve_their_own_message_once() {
         let mut outbox = Outbox::new(10);
-        let receivers = (0..n)
+        let mut receivers: Vec<_> = (0..3)
             .map(|i| {
-                let (id, rx) = outbox.add(format!("t/{i}"), Bytes::new(), qos).unwrap();
-                outbox.queued(id);
-                rx
+                outbox
+                    .add(format!("t/{i}"), Bytes::new(), QoS::AtLeastOnce)
+                    .unwrap()
+                    .1
             })
             .collect();
-        (outbox, receivers)
-    }
-
-    #[test]
-    fn acknowledgements_complete_the_right_message() {
-        let (mut outbox, mut rx) = outbox_with(3, QoS::AtLeastOnce);
-        outbox.sent(1);
-        outbox.sent(2);
-        outbox.sent(3);
-        outbox.acknowledged(2);
-        assert!(rx[1].try_recv().is_ok());
-        assert!(rx[0].try_recv().is_err() && rx[2].try_recv().is_err());
+        outbox.delivered(1);
+        outbox.delivered(1);
+        assert!(receivers[1].try_recv().is_ok());
+        assert!(receivers[0].try_recv().is_err() && receivers[2].try_recv().is_err());
         assert_eq!(outbox.pending(), [0, 2]);
-    }
-
-    #[test]
-    fn a_lost_connection_keeps_every_unacknowledged_message() {
-        let (mut outbox, _rx) = outbox_with(3, QoS::ExactlyOnce);
-        outbox.sent(1);
-        outbox.acknowledged(1);
-        outbox.sent(2);
-        outbox.connection_lost();
-        assert_eq!(outbox.pending(), [1, 2]);
-        // Packet ids start over on the new connection.
-        outbox.acknowledged(2);
-        assert_eq!(outbox.len(), 2);
-    }
-
-    #[test]
-    fn qos0_is_done_once_sent() {
-        let (mut outbox, mut rx) = outbox_with(2, QoS::AtMostOnce);
-        outbox.sent(0);
-        assert!(rx[0].try_recv().is_ok());
-        assert_eq!(outbox.len(), 1);
-    }
-
-    #[test]
-    fn a_held_back_publish_keeps_its_identity() {
-        let (mut outbox, mut rx) = outbox_with(2, QoS::AtLeastOnce);
-        outbox.sent(1);
-        outbox.held_back(1);
-        outbox.acknowledged(1);
-        assert!(rx[0].try_recv().is_ok());
-        outbox.sent(1);
-        outbox.acknowledged(1);
-        assert!(rx[1].try_recv().is_ok());
     }
 
     #[test]

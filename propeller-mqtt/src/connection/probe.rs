@@ -66,11 +66,8 @@ pub async fn verdict<S: AsyncRead + Unpin>(
             (Mode::MutualTls, Some(ours)) if ours.not_after < unix_now() => {
                 Failure::ClientCertificateExpired
             }
-            (Mode::MutualTls, _) => Failure::ClientCertificateRejected(
-                "closed right after the TLS handshake, as nginx does for a client certificate \
-                 that is not signed by its ssl_client_certificate CA or has expired"
-                    .to_owned(),
-            ),
+            // No alert: nginx closes right after the handshake instead.
+            (Mode::MutualTls, _) => Failure::ClientCertificateRejected(None),
             _ => Failure::ClientCertificateRequired,
         }),
         // Silence (the server waits for CONNECT) or data: no TLS verdict.

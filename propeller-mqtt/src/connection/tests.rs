@@ -1,0 +1,311 @@
+//! The client's state machine against a scripted broker ([`super::peer`]):
+//! resending after a reconnect, acknowledgements read together with a
+//! failure, stale packet ids, failover, and TLS reload. The broker decides
+//! every acknowledgement and every close, so each run takes the same path;
+//! the only waits are for events, bounded by [`guard`] against hangs.
+
+use std::sync::Arc;
+
+use rumqttc::{Packet, Publish, SubAck, Subscribe, SubscribeReasonCode};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::sync::{oneshot, watch};
+
+use super::peer::{guard, text, Peer};
+use super::{Client, ConnectionLoss, ConnectionState, Delivery, Failure, Message};
+use crate::{Options, QoS, Secret, TlsSettings};
+
+fn options(brokers: &[&Peer]) -> Options {
+    let address: Vec<String> = brokers.iter().map(|peer| peer.url()).collect();
+    Options::new(&address.join(","), "tester", Secret::new("key"))
+        .expect("valid address")
+        .with_qos(QoS::AtLeastOnce)
+}
+
+/// Waits for a state that `wanted` accepts, and returns it.
+async fn state_where(
+    state: &mut watch::Receiver<ConnectionState>,
+    wanted: impl Fn(&ConnectionState) -> bool,
+) -> ConnectionState {
+    guard("a connection state", state.wait_for(|s| wanted(s)))
+        .await
+        .expect("the client is alive")
+        .clone()
+}
+
+async fn connected(state: &mut watch::Receiver<ConnectionState>) {
+    state_where(state, |s| *s == ConnectionState::Connected).await;
+}
+
+/// The failure of the next `Retrying` state.
+async fn retrying(state: &mut watch::Receiver<ConnectionState>) -> Failure {
+    match state_where(state, |s| matches!(s, ConnectionState::Retrying { .. })).await {
+        ConnectionState::Retrying { failure, .. } => failure,
+        _ => unreachable!(),
+    }
+}
+
+async fn publish(client: &Client, payloads: &[&str]) -> Vec<Delivery> {
+    let mut deliveries = Vec::new();
+    for payload in payloads {
+        let delivery = client.publish("out", payload.to_string()).await;
+        deliveries.push(delivery.expect("room in the outbox"));
+    }
+    deliveries
+}
+
+/// Resolved already? Nothing but its own acknowledgement may resolve a
+/// delivery, so "not yet" is a fact here, not a race.
+fn resolved(delivery: &mut Delivery) -> bool {
+    match delivery.0.try_recv() {
+        Ok(()) => true,
+        Err(oneshot::error::TryRecvError::Empty) => false,
+        Err(oneshot::error::TryRecvError::Closed) => panic!("the client dropped a delivery"),
+    }
+}
+
+async fn acknowledged(delivery: Delivery) {
+    guard("an acknowledgement", delivery.acknowledged())
+        .await
+        .expect("acknowledged, not closed");
+}
+
+fn texts(publishes: &[Publish]) -> Vec<String> {
+    publishes.iter().map(text).collect()
+}
+
+/// Shuts the client down while the broker listens: nothing but DISCONNECT
+/// may come after the last expected packet, so nothing was sent twice.
+async fn shut_down(client: Client, conn: &mut super::peer::Conn) {
+    let (left, rest) = tokio::join!(client.shutdown(), conn.rest());
+    assert_eq!(left, 0, "messages left unacknowledged");
+    assert_eq!(rest, [Packet::Disconnect], "after the last expected packet");
+}
+
+/// What the broker had not acknowledged when the connection dropped is sent
+/// again on the next one, and only that; every delivery resolves once, on
+/// its own acknowledgement.
+#[tokio::test]
+async fn unacknowledged_messages_are_sent_again_after_a_reconnect() {
+    let peer = Peer::plain().await;
+    let (client, _messages) = Client::start(&options(&[&peer]), vec![]).unwrap();
+    let mut state = client.state();
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+
+    let mut deliveries = publish(&client, &["0", "1", "2", "3", "4"]).await;
+    let sent = conn.publishes(5).await;
+    assert_eq!(texts(&sent), ["0", "1", "2", "3", "4"]);
+    // The broker takes the first two, then the connection drops.
+    conn.puback([sent[0].pkid, sent[1].pkid]).await;
+    drop(conn);
+    assert_eq!(
+        retrying(&mut state).await,
+        Failure::ConnectionLost(ConnectionLoss::Closed)
+    );
+    let mut rest = deliveries.split_off(2);
+    for delivery in deliveries {
+        acknowledged(delivery).await;
+    }
+
+    let mut conn = peer.accept_session().await;
+    let again = conn.publishes(3).await;
+    assert_eq!(texts(&again), ["2", "3", "4"]);
+    assert!(
+        !rest.iter_mut().any(resolved),
+        "resolved before the new PUBACKs"
+    );
+    connected(&mut state).await;
+    conn.puback(again.iter().map(|p| p.pkid)).await;
+    for delivery in rest {
+        acknowledged(delivery).await;
+    }
+    assert_eq!(client.unacknowledged().await, 0);
+    shut_down(client, &mut conn).await;
+}
+
+/// rumqttc reads in batches: a PUBACK can arrive in the same read as what
+/// ends the connection. It still counts, and an acknowledgement for a packet
+/// id of the old connection names no message on the new one.
+#[tokio::test]
+async fn an_acknowledgement_read_with_the_failure_counts_and_a_stale_one_does_not() {
+    let peer = Peer::plain().await;
+    let (client, _messages) = Client::start(&options(&[&peer]), vec![]).unwrap();
+    let mut state = client.state();
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+
+    // The first connection drops with both messages unacknowledged.
+    let [mut a, mut b]: [Delivery; 2] = publish(&client, &["a", "b"]).await.try_into().unwrap();
+    let old = conn.publishes(2).await;
+    drop(conn);
+    retrying(&mut state).await;
+
+    // On the second, one write: A's real PUBACK, then a PUBACK with B's
+    // packet id of the first connection, which this one never used. rumqttc
+    // refuses the latter (a protocol error), so the connection fails in the
+    // same read that brought A's acknowledgement.
+    let mut conn = peer.accept_session().await;
+    let resent = conn.publishes(2).await;
+    assert_eq!(texts(&resent), ["a", "b"]);
+    assert!(
+        resent.iter().all(|p| old.iter().all(|o| o.pkid != p.pkid)),
+        "packet ids go on across connections: {old:?} then {resent:?}"
+    );
+    assert!(!resolved(&mut a) && !resolved(&mut b));
+    conn.puback([resent[0].pkid, old[1].pkid]).await;
+    let failure = retrying(&mut state).await;
+    assert!(
+        matches!(
+            &failure,
+            Failure::ConnectionLost(ConnectionLoss::Protocol(_))
+        ),
+        "{failure:?}"
+    );
+    acknowledged(a).await;
+
+    // Only B is sent again, and only its own acknowledgement resolves it.
+    let mut conn = peer.accept_session().await;
+    let last = conn.publish().await;
+    assert_eq!(text(&last), "b");
+    assert!(!resolved(&mut b));
+    conn.puback([last.pkid]).await;
+    acknowledged(b).await;
+    shut_down(client, &mut conn).await;
+}
+
+/// A broker that refuses us, then one that drops us: the client goes down
+/// the list and round again, and each new connection gets the subscriptions
+/// and the unacknowledged messages back.
+#[tokio::test]
+async fn failover_goes_down_the_list_restoring_subscriptions_and_messages() {
+    let (first, second) = (Peer::plain().await, Peer::plain().await);
+    let (client, mut messages) =
+        Client::start(&options(&[&first, &second]), vec!["in/#".into()]).unwrap();
+    let mut state = client.state();
+
+    // The first refuses our credentials.
+    let mut conn = first.accept().await;
+    conn.send(&[Packet::ConnAck(rumqttc::ConnAck::new(
+        rumqttc::ConnectReturnCode::NotAuthorized,
+        false,
+    ))])
+    .await;
+    assert_eq!(retrying(&mut state).await, Failure::NotAuthorized);
+
+    // The second takes us, then goes away with A unacknowledged.
+    let mut conn = second.accept_session().await;
+    let topics = subscribed(&mut conn).await;
+    assert_eq!(topics, ["in/#"]);
+    connected(&mut state).await;
+    let [a]: [Delivery; 1] = publish(&client, &["a"]).await.try_into().unwrap();
+    assert_eq!(text(&conn.publish().await), "a");
+    drop(conn);
+    assert_eq!(
+        retrying(&mut state).await,
+        Failure::ConnectionLost(ConnectionLoss::Closed)
+    );
+
+    // Round to the first again, which now takes us: subscription first, then A.
+    let mut conn = first.accept_session().await;
+    assert_eq!(subscribed(&mut conn).await, ["in/#"]);
+    let resent = conn.publish().await;
+    assert_eq!(text(&resent), "a");
+    conn.puback([resent.pkid]).await;
+    acknowledged(a).await;
+
+    // And what it publishes on our subscription reaches the service.
+    let mut incoming = Publish::new("in/x", QoS::AtLeastOnce, "hello");
+    incoming.pkid = 7;
+    conn.send(&[Packet::Publish(incoming)]).await;
+    let message = guard("a message", messages.recv()).await;
+    assert_eq!(
+        message,
+        Some(Message {
+            topic: "in/x".into(),
+            payload: "hello".into()
+        })
+    );
+    assert_eq!(
+        conn.read().await,
+        Some(Packet::PubAck(rumqttc::PubAck::new(7)))
+    );
+    shut_down(client, &mut conn).await;
+}
+
+/// Reads a SUBSCRIBE, grants it, and returns its topics.
+async fn subscribed(conn: &mut super::peer::Conn) -> Vec<String> {
+    let Some(Packet::Subscribe(Subscribe { pkid, filters })) = conn.read().await else {
+        panic!("expected SUBSCRIBE");
+    };
+    let granted = filters
+        .iter()
+        .map(|f| SubscribeReasonCode::Success(f.qos))
+        .collect();
+    conn.send(&[Packet::SubAck(SubAck::new(pkid, granted))])
+        .await;
+    filters.into_iter().map(|f| f.path).collect()
+}
+
+/// A self-signed certificate for 127.0.0.1, its PEM in `dir`, and a server
+/// configuration presenting it.
+fn tls_material(dir: &std::path::Path) -> (std::path::PathBuf, Arc<rustls::ServerConfig>) {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, certified.cert.pem()).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    (ca, Arc::new(config))
+}
+
+/// SIGHUP with the same files keeps the connection; with changed files the
+/// client reconnects with them (which shows the first check would see a
+/// reconnect).
+#[tokio::test]
+async fn reloading_unchanged_tls_files_keeps_the_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, server) = tls_material(dir.path());
+    let peer = Peer::tls(server).await;
+    let options = options(&[&peer]).with_tls(TlsSettings {
+        ca: Some(ca.clone()),
+        ..Default::default()
+    });
+    let (client, _messages) = Client::start(&options, vec![]).unwrap();
+    let mut state = client.state();
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+    state.borrow_and_update();
+
+    // The driver takes commands before the connection's work, and the
+    // reload is asked before the publish: by the time the PUBLISH arrives on
+    // this same connection, the reload has been handled.
+    client.reload_tls();
+    let [a]: [Delivery; 1] = publish(&client, &["a"]).await.try_into().unwrap();
+    let sent = conn.publish().await;
+    conn.puback([sent.pkid]).await;
+    acknowledged(a).await;
+    assert!(
+        !state.has_changed().unwrap(),
+        "the state moved: {:?}",
+        *state.borrow()
+    );
+
+    // Changed files (the same certificate, one more newline): a reconnect.
+    let mut pem = std::fs::read_to_string(&ca).unwrap();
+    pem.push('\n');
+    std::fs::write(&ca, pem).unwrap();
+    client.reload_tls();
+    state_where(&mut state, |s| *s == ConnectionState::Connecting).await;
+    assert_eq!(conn.rest().await, [], "the old connection just closes");
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+    shut_down(client, &mut conn).await;
+}
