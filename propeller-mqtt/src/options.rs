@@ -166,6 +166,9 @@ pub struct Options {
     pub last_will: Option<LastWill>,
     /// What messages call each setting.
     pub names: Names,
+    /// Connect without a clean session: the broker keeps our subscriptions
+    /// and queues QoS 1/2 messages for us while we are away.
+    pub persistent_session: bool,
 }
 
 impl Options {
@@ -200,6 +203,7 @@ impl Options {
             outbox_limit: DEFAULT_OUTBOX_LIMIT,
             last_will: None,
             names,
+            persistent_session: false,
         })
     }
 
@@ -248,6 +252,12 @@ impl Options {
     /// What messages call each setting.
     pub fn with_names(mut self, names: Names) -> Self {
         self.names = names;
+        self
+    }
+
+    /// Ask the broker to keep our session (MQTT clean session false).
+    pub fn with_persistent_session(mut self, persistent: bool) -> Self {
+        self.persistent_session = persistent;
         self
     }
 

@@ -233,25 +233,46 @@ impl Driver {
         }
         let mut shared = lock(&self.shared);
         if !session_present {
-            // The broker forgot our subscriptions and rumqttc dropped its
-            // unacknowledged publishes: restore both from our own records.
-            if !shared.topics.is_empty() {
-                let topics = shared.topics.clone();
-                if let Err(e) = shared.requests.subscribe(topics, self.config.qos) {
-                    error!(error = %e, "cannot queue the SUBSCRIBE");
-                }
+            // The broker forgot our subscriptions, and rumqttc dropped what
+            // it would have replayed: restore both from our own records.
+            shared.requests.forget_all();
+            shared.confirmed.clear();
+        }
+        // With a session the broker keeps what it confirmed, with its QoS;
+        // a SUBSCRIBE it never confirmed to this process is sent (again).
+        let topics: Vec<String> = shared
+            .topics
+            .iter()
+            .filter(|topic| !shared.confirmed.contains(topic))
+            .cloned()
+            .collect();
+        if !topics.is_empty() {
+            if let Err(e) = shared.requests.subscribe(topics, self.config.qos) {
+                error!(error = %e, "cannot queue the SUBSCRIBE");
             }
-            let pending = shared.outbox.pending();
-            if !pending.is_empty() {
-                info!(
-                    count = pending.len(),
-                    "sending again what the broker had not acknowledged"
-                );
-            }
-            for id in pending {
-                if let Err(e) = shared.send(id) {
-                    error!(error = %e, "cannot queue a publish");
-                }
+        }
+        // rumqttc replays, with the packet ids the broker knows, what was on
+        // the wire (a session) or nothing (none); the outbox sends the rest.
+        let (replayed, pending): (Vec<u64>, Vec<u64>) = shared
+            .outbox
+            .pending()
+            .into_iter()
+            .partition(|id| shared.requests.knows(*id));
+        if !replayed.is_empty() {
+            info!(
+                count = replayed.len(),
+                "the broker kept our session: sending again, with the same packet ids, what it had not acknowledged"
+            );
+        }
+        if !pending.is_empty() {
+            info!(
+                count = pending.len(),
+                "sending again what the broker had not acknowledged"
+            );
+        }
+        for id in pending {
+            if let Err(e) = shared.send(id) {
+                error!(error = %e, "cannot queue a publish");
             }
         }
         shared.set_up();
@@ -324,6 +345,11 @@ impl Driver {
                 match shared.requests.resolve(packet) {
                     Some(Resolved::Delivered(id)) => shared.outbox.delivered(id),
                     Some(Resolved::Subscribed { topics, granted }) => {
+                        for (topic, qos) in topics.iter().zip(&granted) {
+                            if qos.is_some() && !shared.confirmed.contains(topic) {
+                                shared.confirmed.push(topic.clone());
+                            }
+                        }
                         subacks.push((topics, granted))
                     }
                     None => {}
@@ -365,7 +391,12 @@ impl Driver {
             self.on_event(event).await;
         }
         let mut shared = lock(&self.shared);
-        self.session.forget(&mut shared.requests);
+        let shared = &mut *shared;
+        if self.config.persistent_session {
+            self.session.suspend(&mut shared.requests, &shared.outbox);
+        } else {
+            self.session.forget(&mut shared.requests);
+        }
         shared.set_down(next);
     }
 

@@ -109,6 +109,9 @@ pub(crate) struct Shared {
     pub outbox: Outbox,
     /// The topics to subscribe at every connection without a session.
     pub topics: Vec<String>,
+    /// Topics the broker granted to this process (SUBACK): with a session,
+    /// they are not subscribed again.
+    pub confirmed: Vec<String>,
     pub requests: Requests,
 }
 
@@ -124,6 +127,7 @@ impl Shared {
             state,
             outbox,
             topics,
+            confirmed: Vec::new(),
             requests,
         }
     }

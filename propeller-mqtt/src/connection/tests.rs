@@ -309,3 +309,176 @@ async fn reloading_unchanged_tls_files_keeps_the_connection() {
     connected(&mut state).await;
     shut_down(client, &mut conn).await;
 }
+
+/// With a persistent session, a client whose connection dropped.
+async fn persistent(
+    peer: &Peer,
+    qos: QoS,
+    topics: Vec<String>,
+) -> (Client, watch::Receiver<ConnectionState>, super::peer::Conn) {
+    let config = options(&[peer]).with_qos(qos).with_persistent_session(true);
+    let (client, _messages) = Client::start(&config, topics).unwrap();
+    let mut state = client.state();
+    let conn = peer.accept_session().await;
+    connected(&mut state).await;
+    (client, state, conn)
+}
+
+/// A persistent session at QoS 1 that the broker kept: rumqttc sends again
+/// what was on the wire, with the same packet ids and DUP set, the outbox
+/// sends only what never went out, and the confirmed subscription is not
+/// sent again. Nothing is sent twice: after the last expected packet comes
+/// only DISCONNECT.
+#[tokio::test]
+async fn a_kept_session_resends_with_the_same_packet_ids_once_at_qos1() {
+    let peer = Peer::plain().await;
+    let (client, mut state, mut conn) =
+        persistent(&peer, QoS::AtLeastOnce, vec!["in".into()]).await;
+    assert_eq!(subscribed(&mut conn).await, ["in"]);
+
+    let mut deliveries = publish(&client, &["0", "1", "2"]).await;
+    let sent = conn.publishes(3).await;
+    conn.puback([sent[0].pkid]).await;
+    drop(conn);
+    retrying(&mut state).await;
+    let first = deliveries.remove(0);
+    acknowledged(first).await;
+    // Published while the link is down: never on the wire.
+    deliveries.extend(publish(&client, &["3"]).await);
+
+    let mut conn = peer.accept_with(true).await;
+    let again = conn.publishes(3).await;
+    assert_eq!(
+        again
+            .iter()
+            .map(|p| (text(p), p.pkid, p.dup))
+            .collect::<Vec<_>>(),
+        [
+            ("1".to_owned(), sent[1].pkid, true),
+            ("2".to_owned(), sent[2].pkid, true),
+            ("3".to_owned(), again[2].pkid, false),
+        ]
+    );
+    connected(&mut state).await;
+    conn.puback(again.iter().map(|p| p.pkid)).await;
+    for delivery in deliveries {
+        acknowledged(delivery).await;
+    }
+    shut_down(client, &mut conn).await;
+}
+
+/// The same client, but the broker lost the session: everything
+/// unacknowledged comes from the outbox, and the subscription is restored.
+#[tokio::test]
+async fn a_lost_session_resends_from_the_outbox_and_subscribes_again() {
+    let peer = Peer::plain().await;
+    let (client, mut state, mut conn) =
+        persistent(&peer, QoS::AtLeastOnce, vec!["in".into()]).await;
+    assert_eq!(subscribed(&mut conn).await, ["in"]);
+    let deliveries = publish(&client, &["0", "1"]).await;
+    conn.publishes(2).await;
+    drop(conn);
+    retrying(&mut state).await;
+
+    let mut conn = peer.accept_with(false).await;
+    assert_eq!(subscribed(&mut conn).await, ["in"]);
+    let again = conn.publishes(2).await;
+    assert_eq!(texts(&again), ["0", "1"]);
+    assert!(again.iter().all(|p| !p.dup));
+    conn.puback(again.iter().map(|p| p.pkid)).await;
+    for delivery in deliveries {
+        acknowledged(delivery).await;
+    }
+    shut_down(client, &mut conn).await;
+}
+
+/// QoS 2 exactly once across a kept session: a message whose PUBREC came
+/// is released again (PUBREL, not PUBLISH); one whose PUBREC did not come
+/// is published again with the packet id the broker knows, so the broker can
+/// tell it is the same message. Each completes on its own PUBCOMP.
+#[tokio::test]
+async fn a_kept_session_releases_and_resends_qos2_with_the_same_packet_ids() {
+    use rumqttc::{PubComp, PubRec, PubRel};
+    let peer = Peer::plain().await;
+    let (client, mut state, mut conn) = persistent(&peer, QoS::ExactlyOnce, vec![]).await;
+
+    let deliveries = publish(&client, &["a", "b"]).await;
+    let sent = conn.publishes(2).await;
+    conn.send(&[Packet::PubRec(PubRec::new(sent[0].pkid))])
+        .await;
+    assert_eq!(
+        conn.read().await,
+        Some(Packet::PubRel(PubRel::new(sent[0].pkid)))
+    );
+    drop(conn);
+    retrying(&mut state).await;
+
+    let mut conn = peer.accept_with(true).await;
+    assert_eq!(
+        conn.read().await,
+        Some(Packet::PubRel(PubRel::new(sent[0].pkid)))
+    );
+    let b = conn.publish().await;
+    assert_eq!(
+        (text(&b), b.pkid, b.dup),
+        ("b".to_owned(), sent[1].pkid, true)
+    );
+    connected(&mut state).await;
+    conn.send(&[
+        Packet::PubComp(PubComp::new(sent[0].pkid)),
+        Packet::PubRec(PubRec::new(b.pkid)),
+    ])
+    .await;
+    assert_eq!(conn.read().await, Some(Packet::PubRel(PubRel::new(b.pkid))));
+    conn.send(&[Packet::PubComp(PubComp::new(b.pkid))]).await;
+    for delivery in deliveries {
+        acknowledged(delivery).await;
+    }
+    shut_down(client, &mut conn).await;
+}
+
+/// A persistent session that the broker kept from an earlier process: this
+/// process has confirmed nothing, so it subscribes anyway.
+#[tokio::test]
+async fn a_session_kept_from_another_process_is_subscribed_again() {
+    let peer = Peer::plain().await;
+    let config = options(&[&peer]).with_persistent_session(true);
+    let (client, _messages) = Client::start(&config, vec!["in".into()]).unwrap();
+    let mut state = client.state();
+    let mut conn = peer.accept_with(true).await;
+    connected(&mut state).await;
+    assert_eq!(subscribed(&mut conn).await, ["in"]);
+    shut_down(client, &mut conn).await;
+}
+
+/// A kept session lost again before the broker acknowledged the replays:
+/// the next kept session replays them once more, still with the packet ids
+/// the broker knows.
+#[tokio::test]
+async fn replays_keep_their_packet_ids_across_two_kept_sessions() {
+    let peer = Peer::plain().await;
+    let (client, mut state, mut conn) = persistent(&peer, QoS::AtLeastOnce, vec![]).await;
+    let deliveries = publish(&client, &["x", "y"]).await;
+    let sent = conn.publishes(2).await;
+    drop(conn);
+    retrying(&mut state).await;
+    for _ in 0..2 {
+        let mut conn = peer.accept_with(true).await;
+        let again = conn.publishes(2).await;
+        assert_eq!(texts_and_ids(&again), texts_and_ids(&sent));
+        drop(conn);
+        retrying(&mut state).await;
+    }
+    let mut conn = peer.accept_with(true).await;
+    let again = conn.publishes(2).await;
+    assert_eq!(texts_and_ids(&again), texts_and_ids(&sent));
+    conn.puback(again.iter().map(|p| p.pkid)).await;
+    for delivery in deliveries {
+        acknowledged(delivery).await;
+    }
+    shut_down(client, &mut conn).await;
+}
+
+fn texts_and_ids(publishes: &[Publish]) -> Vec<(String, u16)> {
+    publishes.iter().map(|p| (text(p), p.pkid)).collect()
+}

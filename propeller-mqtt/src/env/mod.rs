@@ -131,6 +131,7 @@ pub const VARIABLES: &[&str] = &[
     "MQTT_KEEP_ALIVE",
     "MQTT_MAX_PACKET_SIZE",
     "MQTT_OUTBOX_LIMIT",
+    "MQTT_PERSISTENT_SESSION",
 ];
 
 /// The variables as found, every one optional; envy maps `<P>_MQTT_ADDRESS` to
@@ -155,6 +156,7 @@ struct RawEnv {
     mqtt_keep_alive: Option<String>,
     mqtt_max_packet_size: Option<String>,
     mqtt_outbox_limit: Option<String>,
+    mqtt_persistent_session: Option<String>,
 }
 
 const DEFAULT_ADDRESS: &str = "tcp://localhost:1883";
@@ -301,6 +303,13 @@ impl Parser {
                 },
             )?
             .unwrap_or(DEFAULT_OUTBOX_LIMIT);
+        let persistent_session = self
+            .value(
+                "MQTT_PERSISTENT_SESSION",
+                raw.mqtt_persistent_session.as_deref(),
+                value::boolean,
+            )?
+            .unwrap_or(false);
 
         Ok(Options {
             brokers,
@@ -314,6 +323,7 @@ impl Parser {
             outbox_limit,
             last_will: None,
             names: self.names.clone(),
+            persistent_session,
         })
     }
 

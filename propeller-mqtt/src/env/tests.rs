@@ -43,6 +43,9 @@ fn defaults_follow_upstream() {
     assert_eq!(config.keep_alive, Duration::from_secs(30));
     assert_eq!(config.max_packet_size, 10 << 20);
     assert_eq!(config.names.var("MQTT_QOS"), "PROPLET_MQTT_QOS");
+    assert!(!config.persistent_session);
+    let persistent = parse(&[("PROPLET_MQTT_PERSISTENT_SESSION", "true")]).unwrap();
+    assert!(persistent.persistent_session);
 }
 
 #[test]
@@ -120,6 +123,7 @@ fn each_bad_value_names_its_variable_and_the_fix() {
         ("PROPLET_MQTT_MAX_PACKET_SIZE", "300MiB", "MQTT's limit"),
         ("PROPLET_CLIENT_ID", " x", "whitespace"),
         ("PROPLET_MQTT_OUTBOX_LIMIT", "0", "at least 1"),
+        ("PROPLET_MQTT_PERSISTENT_SESSION", "yes", "true or false"),
         ("PROPLET_MQTT_ADDRESS", "tcp://a,ssl://b", "mixes plain"),
         ("PROPLET_MQTT_ADDRESS", "tcp://a,", "empty entry"),
     ] {
