@@ -69,3 +69,72 @@ fn a_start_sent_while_a_persistent_session_proplet_is_dead_runs_once_it_is_back(
     println!("the proplet ran the queued task {ran} time(s) so far");
     assert!(ran >= 1, "{}", again.output());
 }
+
+/// How long the two proplets with one id are watched.
+const WATCH: Duration = Duration::from_secs(20);
+
+/// Two proplets with one client id (a copied `.env`): mosquitto closes the
+/// older connection whenever the other connects. Each CONNACK used to reset
+/// the backoff, and the two connected 25 times in 20 s between them. Now a
+/// connection closed that soon does not reset it, the delays grow, and the
+/// cause names the likely reason and the id.
+#[test]
+fn two_proplets_with_one_client_id_back_off_and_say_why() {
+    if !servers_available("two_proplets_with_one_client_id_back_off_and_say_why") {
+        return;
+    }
+    let lab = Lab::start();
+    let mut env = lab.env("PROPLET", PROPLET);
+    env.set("LIVELINESS_INTERVAL", "1s");
+    let a = ServiceProcess::start("proplet", &env.vars);
+    a.wait_for(CONNECTED, Duration::from_secs(20));
+    let b = ServiceProcess::start("proplet", &env.vars);
+    b.wait_for(CONNECTED, Duration::from_secs(20));
+    // The observation window of the measurement, not a wait for an event.
+    std::thread::sleep(WATCH);
+    let (a_out, b_out) = (a.output(), b.output());
+    let connects = a_out.matches(CONNECTED).count() + b_out.matches(CONNECTED).count();
+    let delays: Vec<Duration> = a_out
+        .lines()
+        .chain(b_out.lines())
+        .filter_map(retry_in)
+        .collect();
+    let longest = delays.iter().max().copied().unwrap_or_default();
+    println!(
+        "two proplets with one id: {connects} connections in {WATCH:?} after both were up; \
+         longest retry delay {longest:?}; delays {delays:?}"
+    );
+    let id = propeller_tests::client_id("proplet");
+    let cause = format!("another client is probably connected with the same client id \"{id}\"");
+    let both = format!("{a_out}{b_out}");
+    assert!(
+        both.contains(&cause) && both.contains("class=\"taken-over\""),
+        "no takeover cause ({cause}):\n{}",
+        logs(&[("a", &a), ("b", &b)])
+    );
+    assert!(
+        connects <= 14,
+        "{connects} connections, far below 25 expected:\n{}",
+        logs(&[("a", &a), ("b", &b)])
+    );
+    assert!(
+        longest >= Duration::from_secs(3),
+        "the backoff did not grow: {delays:?}"
+    );
+}
+
+/// The `retry_in=1.636s` of a log line, if it has one.
+fn retry_in(line: &str) -> Option<Duration> {
+    let value = line.split("retry_in=").nth(1)?.split_whitespace().next()?;
+    if let Some(ms) = value.strip_suffix("ms") {
+        return ms
+            .parse::<f64>()
+            .ok()
+            .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+    }
+    value
+        .strip_suffix('s')?
+        .parse::<f64>()
+        .ok()
+        .map(Duration::from_secs_f64)
+}

@@ -55,6 +55,7 @@ pub use error::{one_line, ClientError, ConfigError};
 pub use options::{
     IdentityFiles, LastWill, Mode, Names, Options, Secret, TlsSettings, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_KEEP_ALIVE, DEFAULT_MAX_PACKET_SIZE, DEFAULT_OUTBOX_LIMIT, DEFAULT_QOS,
+    DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
 };
 pub use rumqttc::QoS;
 pub use warning::Warning;

@@ -12,16 +12,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::backoff::Backoff;
-use super::failure::Failure;
+use super::backoff::{Backoff, FAST_PHASE};
+use super::failure::{ConnectionLoss, Failure, SHORT_LIVED};
 use super::session::{Event, LinkError, Packet, Resolved, Session};
 use super::{lock, probe, Command, ConnectionState, Message, Shared};
 use crate::env::BrokerAddress;
 use crate::tls::{self, TlsSetup, Trust};
 use crate::{Options, QoS};
-
-const MIN_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// What [`Driver::new`] takes.
 pub(crate) struct Parts {
@@ -50,6 +47,10 @@ pub(crate) struct Driver {
     outage_since: Option<Instant>,
     /// Failed attempts since the last CONNACK.
     attempts: u32,
+    /// When the current connection's CONNACK came.
+    connected_at: Option<Instant>,
+    /// Connections in a row that the broker closed within [`SHORT_LIVED`].
+    short_lived: u32,
 }
 
 /// How serving a connection ended.
@@ -78,6 +79,7 @@ enum Connecting {
 impl Driver {
     pub fn new(parts: Parts) -> Self {
         let fingerprint = parts.config.tls.as_ref().map_or(0, tls::fingerprint);
+        let backoff = Backoff::new(parts.config.reconnect_min, parts.config.reconnect_max);
         Self {
             session: parts.session,
             config: parts.config,
@@ -91,9 +93,11 @@ impl Driver {
             inbox: parts.inbox,
             stop: parts.stop,
             commands: Some(parts.commands),
-            backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
+            backoff,
             outage_since: None,
             attempts: 0,
+            connected_at: None,
+            short_lived: 0,
         }
     }
 
@@ -107,6 +111,7 @@ impl Driver {
             match self.serve().await {
                 Ended::Stopped => break,
                 Ended::Reload => {
+                    self.connection_ended(false);
                     info!("reconnecting with the new TLS material");
                     self.configure();
                     self.link_down(ConnectionState::Connecting).await;
@@ -114,6 +119,14 @@ impl Driver {
                 Ended::Lost(error) => {
                     let detail = error.to_string();
                     let failure = error.into_failure(true, self.config.mode());
+                    let closed = failure == Failure::ConnectionLost(ConnectionLoss::Closed);
+                    let failure = match self.connection_ended(closed) {
+                        times if times >= 2 => Failure::ConnectionLost(ConnectionLoss::TakenOver {
+                            client_id: self.config.client_id.clone(),
+                            times,
+                        }),
+                        _ => failure,
+                    };
                     self.attempts += 1;
                     self.link_down(self.retrying(&failure)).await;
                     if !self.retry_later(&failure, &detail).await {
@@ -174,6 +187,26 @@ impl Driver {
         }
     }
 
+    /// An established connection ended (`closed` by the broker, or not).
+    /// One that lasted resets the backoff; one the broker closed soon after
+    /// CONNACK does not, so that two clients with one id, which the broker
+    /// plays off against each other, back off instead of reconnecting every
+    /// second forever. Returns how many in a row were closed that soon.
+    fn connection_ended(&mut self, closed: bool) -> u32 {
+        let lived = self
+            .connected_at
+            .take()
+            .map_or(Duration::MAX, |at| at.elapsed());
+        if lived >= SHORT_LIVED {
+            self.backoff.reset();
+            self.outage_since = None;
+            self.short_lived = 0;
+        } else if closed {
+            self.short_lived += 1;
+        }
+        self.short_lived
+    }
+
     fn retrying(&self, failure: &Failure) -> ConnectionState {
         ConnectionState::Retrying {
             failure: failure.clone(),
@@ -184,7 +217,11 @@ impl Driver {
     /// Says why the attempt failed, moves to the next broker of the list, and
     /// waits out the backoff. Returns `false` if stopped meanwhile.
     async fn retry_later(&mut self, failure: &Failure, detail: &str) -> bool {
-        let outage = self.outage_since.get_or_insert_with(Instant::now).elapsed();
+        let mut outage = self.outage_since.get_or_insert_with(Instant::now).elapsed();
+        if self.short_lived >= 2 {
+            // Not a broker restart, which the quick retries are for.
+            outage = outage.max(FAST_PHASE);
+        }
         let delay = self.backoff.next_delay(outage);
         warn!(
             broker = %self.broker(),
@@ -211,8 +248,8 @@ impl Driver {
     /// gate for requests.
     fn on_connected(&mut self, session_present: bool) {
         self.attempts = 0;
-        self.backoff.reset();
-        self.outage_since = None;
+        // The backoff is reset once the connection has lasted, not here.
+        self.connected_at = Some(Instant::now());
         info!(
             mode = %self.config.mode(),
             broker = %self.broker(),

@@ -11,6 +11,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::{AlertDescription, CertificateError};
 
@@ -63,6 +64,11 @@ pub enum Failure {
     ConnectionLost(ConnectionLoss),
 }
 
+/// A connection the broker closes sooner than this after CONNACK does not
+/// reset the backoff, and from the second in a row is reported as
+/// [`ConnectionLoss::TakenOver`].
+pub(crate) const SHORT_LIVED: Duration = Duration::from_secs(5);
+
 /// Why an established connection ended.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -78,6 +84,15 @@ pub enum ConnectionLoss {
     /// The broker broke the protocol (an acknowledgement for nothing, a
     /// packet that cannot be decoded, ...), in the MQTT library's words.
     Protocol(String),
+    /// The broker closed the connection shortly after accepting it, `times`
+    /// times in a row: what a broker does to the older of two clients with
+    /// one client id (MQTT 3.1.1 gives no reason).
+    TakenOver {
+        /// Our client id (not secret).
+        client_id: String,
+        /// Connections in a row that ended this way.
+        times: u32,
+    },
 }
 
 /// An I/O error as the operating system reported it, shared so that a
@@ -228,6 +243,7 @@ impl Failure {
             Failure::Refused(_) => "refused",
             Failure::Unreachable(_) => "unreachable",
             Failure::Timeout => "timeout",
+            Failure::ConnectionLost(ConnectionLoss::TakenOver { .. }) => "taken-over",
             Failure::ConnectionLost(_) => "connection-lost",
         }
     }
@@ -337,6 +353,11 @@ impl Failure {
                 " (TLS ports need an ssl:// address)",
                 var("MQTT_TIMEOUT")
             ),
+            Failure::ConnectionLost(ConnectionLoss::TakenOver { .. }) => format!(
+                "give every process its own {} (a copied .env, or an old instance still running \
+                 after a rolling update); stop the other client; retrying with a growing delay",
+                var("CLIENT_ID")
+            ),
             Failure::ConnectionLost(_) => "reconnecting; check the network and the broker's logs if it repeats".to_owned(),
         }
     }
@@ -411,6 +432,12 @@ impl fmt::Display for ConnectionLoss {
             ConnectionLoss::WriteTimeout => f.write_str("a write to the broker timed out"),
             ConnectionLoss::Io(why) => why.fmt(f),
             ConnectionLoss::Protocol(why) => f.write_str(why),
+            ConnectionLoss::TakenOver { client_id, times } => write!(
+                f,
+                "the broker closed the connection within {}s of accepting it, {times} times in a row: \
+                 another client is probably connected with the same client id {client_id:?}",
+                SHORT_LIVED.as_secs()
+            ),
         }
     }
 }

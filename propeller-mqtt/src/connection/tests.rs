@@ -482,3 +482,44 @@ async fn replays_keep_their_packet_ids_across_two_kept_sessions() {
 fn texts_and_ids(publishes: &[Publish]) -> Vec<(String, u16)> {
     publishes.iter().map(|p| (text(p), p.pkid)).collect()
 }
+
+/// Two clients with one id: the broker accepts each, then closes it when
+/// the other connects. A connection closed that soon after CONNACK, again
+/// and again, is explained as such, naming the id, and does not reset the
+/// backoff.
+#[tokio::test]
+async fn connections_closed_right_after_connack_are_explained_as_a_takeover() {
+    let peer = Peer::plain().await;
+    let config = options(&[&peer]).with_reconnect_delays(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_millis(50),
+    );
+    let (client, _messages) = Client::start(&config, vec![]).unwrap();
+    let mut state = client.state();
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        let conn = peer.accept_session().await;
+        connected(&mut state).await;
+        drop(conn);
+        failures.push(retrying(&mut state).await);
+    }
+    assert_eq!(
+        failures[0],
+        Failure::ConnectionLost(ConnectionLoss::Closed),
+        "once is not yet a pattern"
+    );
+    let taken_over = Failure::ConnectionLost(ConnectionLoss::TakenOver {
+        client_id: "tester".into(),
+        times: 3,
+    });
+    assert_eq!(failures[2], taken_over);
+    assert_eq!(failures[2].class(), "taken-over");
+    let cause = failures[2].to_string();
+    assert!(
+        cause.contains("another client is probably connected with the same client id \"tester\""),
+        "{cause}"
+    );
+    let fix = failures[2].fix(&crate::Names::prefixed("PROPLET_"));
+    assert!(fix.contains("PROPLET_CLIENT_ID"), "{fix}");
+    client.shutdown().await;
+}
