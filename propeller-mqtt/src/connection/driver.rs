@@ -514,11 +514,12 @@ async fn diagnose(
     tls: Option<&TlsSetup>,
 ) -> Failure {
     match (&failure, tls) {
-        (Failure::ClosedBeforeConnAck, Some(tls)) => {
-            probe::tls_refusal(&config.brokers[broker], tls, config.mode())
-                .await
-                .unwrap_or(failure)
-        }
+        (
+            Failure::ClosedBeforeConnAck | Failure::ClosedBeforeConnAckWithoutCertificate,
+            Some(tls),
+        ) => probe::tls_refusal(&config.brokers[broker], tls, config.mode())
+            .await
+            .unwrap_or(failure),
         _ => failure,
     }
 }

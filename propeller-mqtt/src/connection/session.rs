@@ -613,7 +613,7 @@ impl LinkError {
                 return Failure::Refused(format!("the broker answered CONNECT with {packet:?}"))
             }
             ConnectionError::MqttState(StateError::ConnectionAborted) => {
-                return Failure::closed(connected)
+                return Failure::closed(connected, mode)
             }
             error => error,
         };
@@ -757,7 +757,7 @@ mod tests {
         let reset = ConnectionError::Io(io::ErrorKind::ConnectionReset.into());
         assert_eq!(
             failure(reset, false, Mode::Plain),
-            Failure::ClosedBeforeConnAck
+            Failure::ClosedBeforeConnAckPlain
         );
     }
 
