@@ -582,6 +582,7 @@ fn a_result_sent_while_a_persistent_session_manager_is_down_completes_its_task()
         ("STORAGE_TYPE", "sqlite"),
         ("LIVELINESS_INTERVAL", "10s"),
         ("MQTT_PERSISTENT_SESSION", "true"),
+        ("LOG_LEVEL", "debug"),
     ]);
     let (mut first, api) = manager(&lab, MANAGER, &settings, dir.path());
     let mut proplet = FakeProplet::start(&lab);
@@ -605,7 +606,19 @@ fn a_result_sent_while_a_persistent_session_manager_is_down_completes_its_task()
     let (again, api) = manager(&lab, MANAGER, &settings, dir.path());
     let connected = again.wait_for(CONNECTED, Duration::from_secs(10));
     assert!(connected.contains("session_present=true"), "{connected}");
-    let task = finished_task(api, &id, Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let task = loop {
+        let (_, task) = request(api, "GET", &format!("/tasks/{id}"), None);
+        if task["state"].as_u64() != Some(RUNNING) {
+            break task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queued result did not come within 10 s: {task}\n{}",
+            logs(&[("first", &first), ("again", &again)])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(
         (task["state"].as_u64(), &task["results"]),
         (Some(COMPLETED), &json!("7")),
@@ -616,6 +629,16 @@ fn a_result_sent_while_a_persistent_session_manager_is_down_completes_its_task()
         "the queued result completed its task {:?} after the manager was started again",
         began.elapsed()
     );
+    // The connection's figures are served next to the store's.
+    let (status, metrics) = request_text(api, "/metrics");
+    assert_eq!(status, 200);
+    for series in [
+        "propeller_manager_mqtt_reconnects_total 0\n",
+        "propeller_manager_mqtt_last_failure{class=\"none\"} 1\n",
+        "propeller_manager_mqtt_outbox_messages ",
+    ] {
+        assert!(metrics.contains(series), "{series}: {metrics}");
+    }
 }
 
 #[test]

@@ -49,7 +49,7 @@ pub mod tls;
 mod warning;
 
 pub use connection::{
-    diagnose, Client, ConnectionLoss, ConnectionState, Delivery, Failure, IoCause, Message,
+    diagnose, Client, ConnectionLoss, ConnectionState, Delivery, Failure, IoCause, Message, Metrics,
 };
 pub use error::{one_line, ClientError, ConfigError};
 pub use options::{

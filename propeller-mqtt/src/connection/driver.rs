@@ -51,6 +51,8 @@ pub(crate) struct Driver {
     connected_at: Option<Instant>,
     /// Connections in a row that the broker closed within [`SHORT_LIVED`].
     short_lived: u32,
+    /// When the PINGREQ in flight went out.
+    ping_sent: Option<Instant>,
 }
 
 /// How serving a connection ended.
@@ -98,6 +100,7 @@ impl Driver {
             attempts: 0,
             connected_at: None,
             short_lived: 0,
+            ping_sent: None,
         }
     }
 
@@ -233,6 +236,7 @@ impl Driver {
             "MQTT connection failed"
         );
         debug!(error = %detail, "MQTT connection error detail");
+        lock(&self.shared).counters.last_failure = Some(failure.class());
         if self.config.brokers.len() > 1 {
             self.current = (self.current + 1) % self.config.brokers.len();
             self.configure();
@@ -269,6 +273,14 @@ impl Driver {
             );
         }
         let mut shared = lock(&self.shared);
+        shared.counters.connections += 1;
+        shared.counters.certificate_not_after = self
+            .material
+            .setup
+            .as_ref()
+            .and_then(|setup| setup.identity.as_ref())
+            .map(|facts| facts.not_after);
+        self.ping_sent = None;
         if !session_present {
             // The broker forgot our subscriptions, and rumqttc dropped what
             // it would have replayed: restore both from our own records.
@@ -366,6 +378,12 @@ impl Driver {
                 let _ = self.inbox.send(message).await;
             }
             Event::Packet(packet) => self.bookkeep(packet),
+            Event::PingSent => self.ping_sent = Some(Instant::now()),
+            Event::PingAnswered => {
+                if let Some(sent) = self.ping_sent.take() {
+                    lock(&self.shared).counters.ping_round_trip = Some(sent.elapsed());
+                }
+            }
             Event::Disconnected | Event::Other => {}
         }
     }

@@ -166,6 +166,10 @@ pub(crate) enum Event {
     Packet(Packet),
     /// Our DISCONNECT went out: the session is over.
     Disconnected,
+    /// Our keep-alive PINGREQ went out.
+    PingSent,
+    /// The broker's PINGRESP came.
+    PingAnswered,
     /// Nothing for us: pings, the middle of the QoS 2 exchange, our own
     /// acknowledgements.
     Other,
@@ -219,6 +223,8 @@ impl From<RawEvent> for Event {
             RawEvent::Outgoing(Outgoing::AwaitAck(pkid)) => packet(HeldBack(pkid)),
             RawEvent::Outgoing(Outgoing::Subscribe(pkid)) => packet(SubscribeSent(pkid)),
             RawEvent::Outgoing(Outgoing::Disconnect) => Event::Disconnected,
+            RawEvent::Outgoing(Outgoing::PingReq) => Event::PingSent,
+            RawEvent::Incoming(Incoming::PingResp) => Event::PingAnswered,
             _ => Event::Other,
         }
     }

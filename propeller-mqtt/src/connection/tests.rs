@@ -483,6 +483,33 @@ fn texts_and_ids(publishes: &[Publish]) -> Vec<(String, u16)> {
     publishes.iter().map(|p| (text(p), p.pkid)).collect()
 }
 
+/// The snapshot counts connections, the last failure and the outbox.
+#[tokio::test]
+async fn metrics_count_connections_failures_and_the_outbox() {
+    let peer = Peer::plain().await;
+    let (client, _messages) = Client::start(&options(&[&peer]), vec![]).unwrap();
+    let mut state = client.state();
+    let conn = peer.accept_session().await;
+    connected(&mut state).await;
+    let _deliveries = publish(&client, &["a", "b"]).await;
+    let metrics = client.metrics();
+    assert!(metrics.connected);
+    assert_eq!((metrics.connections, metrics.reconnects), (1, 0));
+    assert_eq!(metrics.outbox_depth, 2);
+    assert_eq!(metrics.last_failure_class, None);
+    assert_eq!(metrics.certificate_days_left, None);
+    drop(conn);
+    retrying(&mut state).await;
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+    let again = conn.publishes(2).await;
+    let metrics = client.metrics();
+    assert_eq!((metrics.connections, metrics.reconnects), (2, 1));
+    assert_eq!(metrics.last_failure_class, Some("connection-lost"));
+    conn.puback(again.iter().map(|p| p.pkid)).await;
+    shut_down(client, &mut conn).await;
+}
+
 /// Two clients with one id: the broker accepts each, then closes it when
 /// the other connects. A connection closed that soon after CONNACK, again
 /// and again, is explained as such, naming the id, and does not reset the
