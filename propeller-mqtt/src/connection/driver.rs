@@ -69,7 +69,17 @@ enum Ended {
 enum Serving {
     Command(Option<Command>),
     Polled(Result<Event, LinkError>),
+    /// Time to look at the TLS files on disk.
+    Watch,
 }
+
+/// How often the TLS files are read for a change while connected (their
+/// content is hashed, through any symlinks: a Kubernetes `..data` swap
+/// counts), and the client certificate's expiry is checked.
+const TLS_WATCH: Duration = Duration::from_secs(5);
+
+/// Days before the client certificate expires at which we warn (again).
+const EXPIRY_WARNINGS: [i64; 3] = [1, 7, 30];
 
 /// What woke the driver while connecting.
 enum Connecting {
@@ -89,6 +99,7 @@ impl Driver {
                 setup: parts.tls,
                 fingerprint,
                 rejected: None,
+                expiry_warned: None,
             },
             current: 0,
             shared: parts.shared,
@@ -330,6 +341,9 @@ impl Driver {
     /// Serves the established connection until it ends. We keep polling
     /// even when asked to stop: that is what sends the DISCONNECT.
     async fn serve(&mut self) -> Ended {
+        let start = tokio::time::Instant::now() + TLS_WATCH;
+        let mut watch = tokio::time::interval_at(start, TLS_WATCH);
+        let tls = self.config.tls.is_some();
         loop {
             let polled = {
                 // Dropping this future mid-write could lose the packet being
@@ -341,8 +355,17 @@ impl Driver {
                         biased;
                         command = next_command(&mut self.commands) => Serving::Command(command),
                         polled = &mut next => Serving::Polled(polled),
+                        _ = watch.tick(), if tls => Serving::Watch,
                     };
                     match step {
+                        Serving::Watch => {
+                            self.material.warn_expiry(&self.config);
+                            // The same checked reload as SIGHUP, without one.
+                            if self.material.refresh(&self.config, false) {
+                                info!("the TLS files changed on disk: reconnecting with them");
+                                return Ended::Reload;
+                            }
+                        }
                         Serving::Command(Some(Command::ReloadTls)) => {
                             if self.material.reload(&self.config) {
                                 return Ended::Reload;
@@ -470,6 +493,8 @@ struct Material {
     fingerprint: u64,
     /// TLS files found broken, so that we say so once, not at every attempt.
     rejected: Option<u64>,
+    /// The last of [`EXPIRY_WARNINGS`] warned about for the certificate in use.
+    expiry_warned: Option<i64>,
 }
 
 impl Material {
@@ -481,6 +506,28 @@ impl Material {
             return false;
         }
         self.refresh(config, true)
+    }
+
+    /// Warns, once per step of [`EXPIRY_WARNINGS`] (30, 7 and 1 days), that
+    /// the client certificate in use expires soon.
+    fn warn_expiry(&mut self, config: &Options) {
+        let Some(facts) = self.setup.as_ref().and_then(|s| s.identity.as_ref()) else {
+            return;
+        };
+        let days = (facts.not_after - tls::unix_now()).div_euclid(86_400);
+        let Some(step) = EXPIRY_WARNINGS.into_iter().find(|step| days < *step) else {
+            return;
+        };
+        if self.expiry_warned.is_some_and(|warned| warned <= step) {
+            return;
+        }
+        self.expiry_warned = Some(step);
+        warn!(
+            days_left = days,
+            var = %config.names.var("MQTT_TLS_CLIENT_CERT"),
+            "the client certificate expires soon: put a renewed one at that path; \
+             it is picked up within seconds, without a restart or SIGHUP"
+        );
     }
 
     /// Re-reads the TLS files if they changed on disk, checking them as at
@@ -508,6 +555,7 @@ impl Material {
                 self.setup = Some(setup);
                 self.fingerprint = fingerprint;
                 self.rejected = None;
+                self.expiry_warned = None;
                 info!("TLS files changed: using the new material");
                 true
             }

@@ -550,3 +550,51 @@ async fn connections_closed_right_after_connack_are_explained_as_a_takeover() {
     assert!(fix.contains("PROPLET_CLIENT_ID"), "{fix}");
     client.shutdown().await;
 }
+
+/// TLS files mounted the Kubernetes way (`ca.crt -> ..data/ca.crt`,
+/// `..data -> ..2026_a`): swapping `..data` to a new directory is picked
+/// up without SIGHUP, checked as at startup, and the client reconnects
+/// with the new material.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_kubernetes_data_swap_is_picked_up_without_a_signal() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, server) = tls_material(dir.path());
+    let mount = dir.path().join("mount");
+    let first = mount.join("..2026_a");
+    std::fs::create_dir_all(&first).unwrap();
+    std::fs::copy(&ca, first.join("ca.crt")).unwrap();
+    symlink("..2026_a", mount.join("..data")).unwrap();
+    symlink("..data/ca.crt", mount.join("ca.crt")).unwrap();
+
+    let peer = Peer::tls(server).await;
+    let options = options(&[&peer]).with_tls(TlsSettings {
+        ca: Some(mount.join("ca.crt")),
+        ..Default::default()
+    });
+    let (client, _messages) = Client::start(&options, vec![]).unwrap();
+    let mut state = client.state();
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+
+    // The renewed secret: a new directory, then an atomic swap of `..data`.
+    let second = mount.join("..2026_b");
+    std::fs::create_dir_all(&second).unwrap();
+    let mut pem = std::fs::read_to_string(&ca).unwrap();
+    pem.push('\n');
+    std::fs::write(second.join("ca.crt"), pem).unwrap();
+    symlink("..2026_b", mount.join("..data_tmp")).unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    let swapped = std::time::Instant::now();
+
+    state_where(&mut state, |s| *s == ConnectionState::Connecting).await;
+    assert_eq!(conn.rest().await, [], "the old connection just closes");
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+    println!(
+        "..data swap picked up {:?} after it happened",
+        swapped.elapsed()
+    );
+    shut_down(client, &mut conn).await;
+}
