@@ -376,3 +376,35 @@ async fn key_readable_by_others_and_unused_password_warn() {
         "a healthy identity warns: {warnings:?}"
     );
 }
+
+/// Plain MQTT to upstream's `AUTH=x509` edge: its authorization.js denies
+/// every connection without a client certificate, before CONNACK. The cause
+/// says plain MQTT, and the fix says to use ssl:// with a client
+/// certificate; the CN rule is not named.
+#[tokio::test]
+async fn plain_mqtt_to_upstreams_x509_edge_is_explained() {
+    if !servers_available("plain_mqtt_to_upstreams_x509_edge_is_explained") {
+        return;
+    }
+    let lab = Lab::start();
+    let Some((_edge, plain)) = Edge::upstream_x509(lab.pki, lab.broker.plain) else {
+        println!("plain_mqtt_to_upstreams_x509_edge_is_explained: SKIPPED, no ../shared/upstream");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI requires ../shared/upstream"
+        );
+        return;
+    };
+    let (mut env, _) = lab.env("proplet");
+    env.plain(plain);
+    let failure = fails(&env).await;
+    assert_eq!(failure, Failure::ClosedBeforeConnAckPlain);
+    assert!(failure.to_string().contains("(plain MQTT)"), "{failure}");
+    let fix = failure.fix(&Names::prefixed("PROPLET_"));
+    assert!(
+        fix.contains("an AUTH=x509 edge") && fix.contains("refuses plain connections"),
+        "{fix}"
+    );
+    assert!(fix.contains("ssl://") && !fix.contains("CN"), "{fix}");
+    println!("plain MQTT to upstream's x509 edge: cause={failure} fix={fix}");
+}

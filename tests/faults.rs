@@ -573,7 +573,12 @@ async fn broker_down_at_start_and_a_short_outage() {
     let back = Instant::now();
     service.wait_for(CONNECTED, Duration::from_secs(5));
     let after_start = back.elapsed();
-    wait_for_file(&health, |text| text == "connected\n");
+    let text = wait_for_file(&health, |text| text.starts_with("connected\n"));
+    // The second line is the connection's metrics, as JSON.
+    let metrics: serde_json::Value =
+        serde_json::from_str(text.lines().nth(1).unwrap_or_default()).expect("a JSON line");
+    assert_eq!(metrics["last_failure_class"], "unreachable", "{text}");
+    assert_eq!(metrics["reconnects"], 0, "{text}");
 
     broker.kill();
     std::thread::sleep(Duration::from_secs(6));
@@ -587,12 +592,12 @@ async fn broker_down_at_start_and_a_short_outage() {
 
 /// Waits (at most 10 s, a guard against a hang) until the file at `path`
 /// satisfies `done`; the health file is written by a task of its own.
-fn wait_for_file(path: &std::path::Path, done: impl Fn(&str) -> bool) {
+fn wait_for_file(path: &std::path::Path, done: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(path).unwrap_or_default();
         if done(&text) {
-            return;
+            return text;
         }
         assert!(Instant::now() < deadline, "{}: {text:?}", path.display());
         std::thread::sleep(Duration::from_millis(20));

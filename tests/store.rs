@@ -566,6 +566,81 @@ fn a_result_sent_while_the_manager_is_down_is_lost_by_the_broker() {
     );
 }
 
+/// The counterpart with `MANAGER_MQTT_PERSISTENT_SESSION=true`: the broker
+/// keeps the manager's session while it is down and queues the result, which
+/// completes the task once the manager is back.
+#[test]
+fn a_result_sent_while_a_persistent_session_manager_is_down_completes_its_task() {
+    if !servers_available(
+        "a_result_sent_while_a_persistent_session_manager_is_down_completes_its_task",
+    ) {
+        return;
+    }
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let settings = pairs(&[
+        ("STORAGE_TYPE", "sqlite"),
+        ("LIVELINESS_INTERVAL", "10s"),
+        ("MQTT_PERSISTENT_SESSION", "true"),
+        ("LOG_LEVEL", "debug"),
+    ]);
+    let (mut first, api) = manager(&lab, MANAGER, &settings, dir.path());
+    let mut proplet = FakeProplet::start(&lab);
+    // The fake proplet hears its own results: once it has, the broker has
+    // queued them for every subscriber, the absent manager included.
+    proplet.mqtt.subscribe(&format!("{TOPIC}/proplet/results"));
+    proplet_listed(api, FakeProplet::ID, true, Duration::from_secs(10));
+    let task = json!({"name": "add", "inputs": [3, 4], "image_url": "add.wasm", "proplet_id": FakeProplet::ID});
+    let id = start_task(api, task);
+    proplet.started(&id, || first.output());
+    first.signal("KILL");
+    first.wait(Duration::from_secs(10));
+    proplet.result(&id);
+    proplet.mqtt.wait_for(
+        "our own result",
+        Duration::from_secs(10),
+        String::new,
+        |m| m.topic.ends_with("/results") && m.json()["task_id"] == id,
+    );
+    let began = Instant::now();
+    let (again, api) = manager(&lab, MANAGER, &settings, dir.path());
+    let connected = again.wait_for(CONNECTED, Duration::from_secs(10));
+    assert!(connected.contains("session_present=true"), "{connected}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let task = loop {
+        let (_, task) = request(api, "GET", &format!("/tasks/{id}"), None);
+        if task["state"].as_u64() != Some(RUNNING) {
+            break task;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queued result did not come within 10 s: {task}\n{}",
+            logs(&[("first", &first), ("again", &again)])
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        (task["state"].as_u64(), &task["results"]),
+        (Some(COMPLETED), &json!("7")),
+        "{}",
+        again.output()
+    );
+    println!(
+        "the queued result completed its task {:?} after the manager was started again",
+        began.elapsed()
+    );
+    // The connection's figures are served next to the store's.
+    let (status, metrics) = request_text(api, "/metrics");
+    assert_eq!(status, 200);
+    for series in [
+        "propeller_manager_mqtt_reconnects_total 0\n",
+        "propeller_manager_mqtt_last_failure{class=\"none\"} 1\n",
+        "propeller_manager_mqtt_outbox_messages ",
+    ] {
+        assert!(metrics.contains(series), "{series}: {metrics}");
+    }
+}
+
 #[test]
 fn two_managers_on_one_postgres_one_active_one_standby() {
     let test = "two_managers_on_one_postgres_one_active_one_standby";

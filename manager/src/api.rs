@@ -467,6 +467,7 @@ fn prometheus(summary: &Summary) -> String {
         text,
         "# HELP propeller_manager_mqtt_connected Whether the manager is connected to the broker.\n# TYPE propeller_manager_mqtt_connected gauge\npropeller_manager_mqtt_connected {connected}"
     );
+    connection_metrics(&mut text, &summary.connection);
     let store = &summary.store;
     let _ = writeln!(
         text,
@@ -507,6 +508,38 @@ fn prometheus(summary: &Summary) -> String {
         );
     }
     text
+}
+
+/// The MQTT connection's figures ([`propeller_mqtt::Client::metrics`]).
+fn connection_metrics(text: &mut String, metrics: &propeller_mqtt::Metrics) {
+    let _ = writeln!(
+        text,
+        "# HELP propeller_manager_mqtt_reconnects_total Connections to the broker after the first.\n# TYPE propeller_manager_mqtt_reconnects_total counter\npropeller_manager_mqtt_reconnects_total {}",
+        metrics.reconnects
+    );
+    let _ = writeln!(
+        text,
+        "# HELP propeller_manager_mqtt_last_failure The class of the last connection failure (1), none if there was none.\n# TYPE propeller_manager_mqtt_last_failure gauge\npropeller_manager_mqtt_last_failure{{class=\"{}\"}} 1",
+        metrics.last_failure_class.unwrap_or("none")
+    );
+    let _ = writeln!(
+        text,
+        "# HELP propeller_manager_mqtt_outbox_messages Messages waiting for the broker's acknowledgement.\n# TYPE propeller_manager_mqtt_outbox_messages gauge\npropeller_manager_mqtt_outbox_messages {}",
+        metrics.outbox_depth
+    );
+    if let Some(days) = metrics.certificate_days_left {
+        let _ = writeln!(
+            text,
+            "# HELP propeller_manager_mqtt_certificate_days_left Whole days until the client certificate expires.\n# TYPE propeller_manager_mqtt_certificate_days_left gauge\npropeller_manager_mqtt_certificate_days_left {days}"
+        );
+    }
+    if let Some(rtt) = metrics.ping_round_trip {
+        let _ = writeln!(
+            text,
+            "# HELP propeller_manager_mqtt_ping_seconds The last keep-alive round trip (PINGREQ to PINGRESP).\n# TYPE propeller_manager_mqtt_ping_seconds gauge\npropeller_manager_mqtt_ping_seconds {:.6}",
+            rtt.as_secs_f64()
+        );
+    }
 }
 
 #[cfg(test)]
@@ -553,7 +586,21 @@ mod tests {
                 writes: 2,
                 write_seconds: 0.5,
             },
+            connection: propeller_mqtt::Metrics {
+                connected: true,
+                connections: 3,
+                reconnects: 2,
+                last_failure_class: Some("taken-over"),
+                outbox_depth: 4,
+                certificate_days_left: Some(29),
+                ping_round_trip: Some(std::time::Duration::from_millis(3)),
+            },
         });
+        assert!(text.contains("propeller_manager_mqtt_reconnects_total 2\n"));
+        assert!(text.contains("propeller_manager_mqtt_last_failure{class=\"taken-over\"} 1\n"));
+        assert!(text.contains("propeller_manager_mqtt_outbox_messages 4\n"));
+        assert!(text.contains("propeller_manager_mqtt_certificate_days_left 29\n"));
+        assert!(text.contains("propeller_manager_mqtt_ping_seconds 0.003000\n"));
         assert!(text.contains("propeller_manager_mqtt_connected 1\n"));
         assert!(text.contains("propeller_manager_store_ready{type=\"sqlite\"} 1\n"));
         assert!(text.contains("propeller_manager_store_writes_total 2\n"));

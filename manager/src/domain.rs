@@ -166,6 +166,8 @@ pub struct Summary {
     pub tasks: Vec<(TaskState, usize)>,
     /// The store.
     pub store: Report,
+    /// The MQTT connection's figures.
+    pub connection: propeller_mqtt::Metrics,
 }
 
 /// Everything the manager knows.
@@ -678,6 +680,7 @@ impl State {
                 .map(|state| (*state, self.tasks.count(*state)))
                 .collect(),
             store,
+            connection: propeller_mqtt::Metrics::default(),
         }
     }
 }
@@ -871,7 +874,9 @@ impl Manager {
     /// Counts for `/health` and `/metrics`.
     pub fn summary(&self) -> Summary {
         let mqtt = self.client.state().borrow().clone();
-        self.lock().summary(mqtt, self.store.report())
+        let mut summary = self.lock().summary(mqtt, self.store.report());
+        summary.connection = self.client.metrics();
+        summary
     }
 }
 

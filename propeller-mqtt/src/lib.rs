@@ -49,12 +49,13 @@ pub mod tls;
 mod warning;
 
 pub use connection::{
-    diagnose, Client, ConnectionLoss, ConnectionState, Delivery, Failure, IoCause, Message,
+    diagnose, Client, ConnectionLoss, ConnectionState, Delivery, Failure, IoCause, Message, Metrics,
 };
 pub use error::{one_line, ClientError, ConfigError};
 pub use options::{
     IdentityFiles, LastWill, Mode, Names, Options, Secret, TlsSettings, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_KEEP_ALIVE, DEFAULT_MAX_PACKET_SIZE, DEFAULT_OUTBOX_LIMIT, DEFAULT_QOS,
+    DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
 };
 pub use rumqttc::QoS;
 pub use warning::Warning;

@@ -127,6 +127,10 @@ pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_PACKET_SIZE: usize = 10 << 20;
 /// Default number of messages that may wait for the broker's acknowledgement.
 pub const DEFAULT_OUTBOX_LIMIT: usize = 10_000;
+/// The default shortest delay between connection attempts.
+pub const DEFAULT_RECONNECT_MIN: Duration = Duration::from_secs(1);
+/// The default longest delay between connection attempts.
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(60);
 /// MQTT's remaining-length field cannot describe a larger packet.
 pub const MQTT_MAX_PACKET_SIZE: usize = 268_435_455;
 
@@ -166,6 +170,13 @@ pub struct Options {
     pub last_will: Option<LastWill>,
     /// What messages call each setting.
     pub names: Names,
+    /// Connect without a clean session: the broker keeps our subscriptions
+    /// and queues QoS 1/2 messages for us while we are away.
+    pub persistent_session: bool,
+    /// The shortest and the longest delay between connection attempts.
+    pub reconnect_min: Duration,
+    /// See `reconnect_min`.
+    pub reconnect_max: Duration,
 }
 
 impl Options {
@@ -200,6 +211,9 @@ impl Options {
             outbox_limit: DEFAULT_OUTBOX_LIMIT,
             last_will: None,
             names,
+            persistent_session: false,
+            reconnect_min: DEFAULT_RECONNECT_MIN,
+            reconnect_max: DEFAULT_RECONNECT_MAX,
         })
     }
 
@@ -248,6 +262,19 @@ impl Options {
     /// What messages call each setting.
     pub fn with_names(mut self, names: Names) -> Self {
         self.names = names;
+        self
+    }
+
+    /// Ask the broker to keep our session (MQTT clean session false).
+    pub fn with_persistent_session(mut self, persistent: bool) -> Self {
+        self.persistent_session = persistent;
+        self
+    }
+
+    /// The shortest and the longest delay between connection attempts.
+    pub fn with_reconnect_delays(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_min = min;
+        self.reconnect_max = max;
         self
     }
 
@@ -315,6 +342,24 @@ impl Options {
                 "MQTT_TIMEOUT",
                 "0s".to_owned(),
                 "it must be more than zero, such as 10s or 500ms",
+            ));
+        }
+        if self.reconnect_min.is_zero() {
+            return Err(invalid(
+                "MQTT_RECONNECT_MIN",
+                "0s".to_owned(),
+                "it must be more than zero, such as 1s or 500ms",
+            ));
+        }
+        if self.reconnect_min > self.reconnect_max {
+            return Err(invalid(
+                "MQTT_RECONNECT_MAX",
+                format!("{:?}", self.reconnect_max),
+                &format!(
+                    "it must be at least {} ({:?}): raise it, or lower that",
+                    self.names.var("MQTT_RECONNECT_MIN"),
+                    self.reconnect_min
+                ),
             ));
         }
         if self.brokers.is_empty() {

@@ -188,7 +188,7 @@ where
         let (client, messages) = Client::start(&config.mqtt, config.topics())
             .map_err(|e| Stopped::Config(e.into()))?;
         if let Some(path) = health_file {
-            tokio::spawn(write_health(client.state(), path));
+            tokio::spawn(write_health(client.clone(), path));
         }
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let context = Context {
@@ -255,10 +255,18 @@ async fn replace_file(path: &std::path::Path, bytes: Vec<u8>) -> std::io::Result
     .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
-/// Writes `connected` or `disconnected: <why>` to `path` at every change.
-async fn write_health(mut state: tokio::sync::watch::Receiver<ConnectionState>, path: PathBuf) {
+/// How often the health file's metrics line is refreshed between changes.
+const HEALTH_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Writes `connected` or `disconnected: <why>` to `path` at every change,
+/// then the connection's metrics as one line of JSON (refreshed every
+/// [`HEALTH_REFRESH`]). The image's healthcheck reads the first line only
+/// (`grep -q '^connected'`).
+async fn write_health(client: Client, path: PathBuf) {
+    let mut state = client.state();
+    let mut refresh = tokio::time::interval(HEALTH_REFRESH);
     loop {
-        let line = match &*state.borrow_and_update() {
+        let mut line = match &*state.borrow_and_update() {
             ConnectionState::Connected => "connected\n".to_owned(),
             ConnectionState::Connecting => "disconnected: connecting\n".to_owned(),
             ConnectionState::Retrying { failure, .. } => {
@@ -266,15 +274,35 @@ async fn write_health(mut state: tokio::sync::watch::Receiver<ConnectionState>, 
             }
             ConnectionState::Closed => "disconnected: stopped\n".to_owned(),
         };
+        line.push_str(&metrics_json(&client.metrics()));
+        line.push('\n');
         // Write then rename, so a healthcheck never reads half a line.
         let written = replace_file(&path, line.into_bytes()).await;
         if let Err(error) = written {
             tracing::warn!(path = %path.display(), %error, "cannot write the health file");
         }
-        if state.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() {
+                return;
+            },
+            _ = refresh.tick() => {}
         }
     }
+}
+
+/// The connection's metrics as one line of JSON.
+fn metrics_json(metrics: &propeller_mqtt::Metrics) -> String {
+    let or_null = |value: Option<String>| value.unwrap_or_else(|| "null".to_owned());
+    format!(
+        "{{\"connected\":{},\"reconnects\":{},\"last_failure_class\":{},\"outbox_depth\":{},\"certificate_days_left\":{},\"ping_round_trip_ms\":{}}}",
+        metrics.connected,
+        metrics.reconnects,
+        // Classes are fixed ASCII names: nothing to escape.
+        or_null(metrics.last_failure_class.map(|class| format!("\"{class}\""))),
+        metrics.outbox_depth,
+        or_null(metrics.certificate_days_left.map(|days| days.to_string())),
+        or_null(metrics.ping_round_trip.map(|rtt| format!("{:.3}", rtt.as_secs_f64() * 1000.0))),
+    )
 }
 
 /// Installs a plain-text tracing subscriber filtered by `<P>_LOG_LEVEL`.

@@ -223,6 +223,13 @@ impl Mqtt {
             .unwrap();
     }
 
+    /// Publishes at `qos`.
+    pub fn publish_at(&self, topic: &str, payload: &str, qos: QoS) {
+        self.client
+            .publish(topic, qos, false, payload.as_bytes().to_vec())
+            .unwrap();
+    }
+
     /// Takes in whatever arrived, waiting at most `wait` for the first.
     pub fn pump(&mut self, wait: Duration) {
         if let Ok(Note::Message(message)) = self.notes.recv_timeout(wait) {

@@ -252,6 +252,58 @@ impl Edge {
         Edge { port, child, dir }
     }
 
+    /// Upstream's MQTT edge (`nginx-x509.conf` of
+    /// `../shared/upstream/propeller-v0.5.0/docker/nginx`): one server with a
+    /// plain and a TLS listener, `ssl_verify_client on`, and upstream's own
+    /// `docker/ssl/authorization.js` as `js_preread`; its stream block with
+    /// our paths and ports (the rest of that file routes Magistrala's HTTP
+    /// services). Returns the edge (its TLS port) and the plain port, or
+    /// `None` when upstream's sources are not there.
+    pub fn upstream_x509(pki: &Pki, upstream: u16) -> Option<(Edge, u16)> {
+        let sources = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/upstream/propeller-v0.5.0/docker");
+        let js = sources.join("ssl/authorization.js").canonicalize().ok()?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let [port, plain] = free_ports();
+        let modules = modules_dir();
+        let load_stream = match modules.join("ngx_stream_module.so").exists() {
+            true => format!("load_module {}/ngx_stream_module.so;", modules.display()),
+            false => String::new(),
+        };
+        let config = format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\npid {run}/nginx.pid;\n\
+             {load_stream}\nload_module {modules}/ngx_stream_js_module.so;\n\
+             events {{ worker_connections 64; }}\n\
+             stream {{\n\
+               js_path \"{js_dir}/\";\n\
+               js_import authorization from {js};\n\
+               ssl_verify_client on;\n\
+               ssl_client_certificate {ca};\n\
+               ssl_verify_depth 2;\n\
+               server {{\n\
+                 listen 127.0.0.1:{plain};\n\
+                 listen 127.0.0.1:{port} ssl;\n\
+                 ssl_certificate {cert};\n\
+                 ssl_certificate_key {key};\n\
+                 js_preread authorization.authenticate;\n\
+                 proxy_pass 127.0.0.1:{upstream};\n\
+               }}\n\
+             }}\n",
+            run = dir.path().display(),
+            modules = modules.display(),
+            js_dir = js.parent()?.display(),
+            js = js.display(),
+            ca = pki.path("ca.crt").display(),
+            cert = pki.path("server.crt").display(),
+            key = pki.path("server.key").display(),
+        );
+        let config_path = dir.path().join("nginx.conf");
+        std::fs::write(&config_path, config).expect("write nginx.conf");
+        let mut child = start_nginx(dir.path(), &config_path, port);
+        wait_ports(&mut child, &[plain], &dir.path().join("error.log"), "nginx");
+        Some((Edge { port, child, dir }, plain))
+    }
+
     /// nginx's error log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()

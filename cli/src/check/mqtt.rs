@@ -29,17 +29,16 @@ pub(super) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     let started = Instant::now();
     // One write: Magistrala's edge parses CONNECT from the first chunk it sees.
     if let Err(e) = write(&mut stream, &packet).await {
-        let failure =
-            Failure::from_io(&e, config.mqtt.mode()).unwrap_or(Failure::ClosedBeforeConnAck);
+        let failure = Failure::from_io(&e, config.mqtt.mode()).unwrap_or(closed(config));
         return Err(c.failure("mqtt", &failure));
     }
     let read = tokio::time::timeout(config.mqtt.connect_timeout, read_packet(&mut stream)).await;
     let failure = match read {
         Err(_) => Failure::Timeout,
         Ok(Err(Answer::Io(e))) => {
-            Failure::from_io(&e, config.mqtt.mode()).unwrap_or(Failure::ClosedBeforeConnAck)
+            Failure::from_io(&e, config.mqtt.mode()).unwrap_or(closed(config))
         }
-        Ok(Err(Answer::Closed)) => Failure::ClosedBeforeConnAck,
+        Ok(Err(Answer::Closed)) => closed(config),
         Ok(Err(Answer::NotMqtt(e))) => Failure::Refused(format!(
             "the broker answered CONNECT with something that is not MQTT ({e:?})"
         )),
@@ -114,6 +113,11 @@ async fn read_packet<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Packet, Ans
             Err(e) => return Err(Answer::Io(e)),
         }
     }
+}
+
+/// A close before CONNACK, explained by the mode (plain, TLS, mTLS).
+fn closed(config: &ServiceConfig) -> Failure {
+    Failure::closed_before_connack(config.mqtt.mode())
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ impl Backoff {
     pub fn next_delay(&mut self, outage: Duration) -> Duration {
         let base = self.next;
         self.next = match outage < FAST_PHASE {
-            true => (base * 2).min(FAST_MAX),
+            true => (base * 2).min(FAST_MAX.max(self.min)),
             false => (base * 2).min(self.max),
         };
         // xorshift64
@@ -92,6 +92,16 @@ mod tests {
         assert!(delays[11] >= Duration::from_secs(45), "{delays:?}");
         backoff.reset();
         assert!(backoff.next_delay(Duration::ZERO) <= Duration::from_secs(1));
+    }
+
+    /// `P_MQTT_RECONNECT_MIN` above the quick retries' 2 s is respected.
+    #[test]
+    fn a_minimum_above_two_seconds_holds_in_the_first_seconds_too() {
+        let mut backoff = Backoff::new(Duration::from_secs(5), Duration::from_secs(60));
+        for _ in 0..3 {
+            let delay = backoff.next_delay(Duration::ZERO);
+            assert!(delay >= Duration::from_millis(3750), "{delay:?}");
+        }
     }
 
     #[test]

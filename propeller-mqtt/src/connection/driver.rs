@@ -12,16 +12,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use super::backoff::Backoff;
-use super::failure::Failure;
+use super::backoff::{Backoff, FAST_PHASE};
+use super::failure::{ConnectionLoss, Failure, SHORT_LIVED};
 use super::session::{Event, LinkError, Packet, Resolved, Session};
 use super::{lock, probe, Command, ConnectionState, Message, Shared};
 use crate::env::BrokerAddress;
 use crate::tls::{self, TlsSetup, Trust};
 use crate::{Options, QoS};
-
-const MIN_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
 /// What [`Driver::new`] takes.
 pub(crate) struct Parts {
@@ -50,6 +47,12 @@ pub(crate) struct Driver {
     outage_since: Option<Instant>,
     /// Failed attempts since the last CONNACK.
     attempts: u32,
+    /// When the current connection's CONNACK came.
+    connected_at: Option<Instant>,
+    /// Connections in a row that the broker closed within [`SHORT_LIVED`].
+    short_lived: u32,
+    /// When the PINGREQ in flight went out.
+    ping_sent: Option<Instant>,
 }
 
 /// How serving a connection ended.
@@ -66,7 +69,17 @@ enum Ended {
 enum Serving {
     Command(Option<Command>),
     Polled(Result<Event, LinkError>),
+    /// Time to look at the TLS files on disk.
+    Watch,
 }
+
+/// How often the TLS files are read for a change while connected (their
+/// content is hashed, through any symlinks: a Kubernetes `..data` swap
+/// counts), and the client certificate's expiry is checked.
+const TLS_WATCH: Duration = Duration::from_secs(5);
+
+/// Days before the client certificate expires at which we warn (again).
+const EXPIRY_WARNINGS: [i64; 3] = [1, 7, 30];
 
 /// What woke the driver while connecting.
 enum Connecting {
@@ -78,6 +91,7 @@ enum Connecting {
 impl Driver {
     pub fn new(parts: Parts) -> Self {
         let fingerprint = parts.config.tls.as_ref().map_or(0, tls::fingerprint);
+        let backoff = Backoff::new(parts.config.reconnect_min, parts.config.reconnect_max);
         Self {
             session: parts.session,
             config: parts.config,
@@ -85,15 +99,19 @@ impl Driver {
                 setup: parts.tls,
                 fingerprint,
                 rejected: None,
+                expiry_warned: None,
             },
             current: 0,
             shared: parts.shared,
             inbox: parts.inbox,
             stop: parts.stop,
             commands: Some(parts.commands),
-            backoff: Backoff::new(MIN_BACKOFF, MAX_BACKOFF),
+            backoff,
             outage_since: None,
             attempts: 0,
+            connected_at: None,
+            short_lived: 0,
+            ping_sent: None,
         }
     }
 
@@ -107,6 +125,7 @@ impl Driver {
             match self.serve().await {
                 Ended::Stopped => break,
                 Ended::Reload => {
+                    self.connection_ended(false);
                     info!("reconnecting with the new TLS material");
                     self.configure();
                     self.link_down(ConnectionState::Connecting).await;
@@ -114,6 +133,14 @@ impl Driver {
                 Ended::Lost(error) => {
                     let detail = error.to_string();
                     let failure = error.into_failure(true, self.config.mode());
+                    let closed = failure == Failure::ConnectionLost(ConnectionLoss::Closed);
+                    let failure = match self.connection_ended(closed) {
+                        times if times >= 2 => Failure::ConnectionLost(ConnectionLoss::TakenOver {
+                            client_id: self.config.client_id.clone(),
+                            times,
+                        }),
+                        _ => failure,
+                    };
                     self.attempts += 1;
                     self.link_down(self.retrying(&failure)).await;
                     if !self.retry_later(&failure, &detail).await {
@@ -174,6 +201,26 @@ impl Driver {
         }
     }
 
+    /// An established connection ended (`closed` by the broker, or not).
+    /// One that lasted resets the backoff; one the broker closed soon after
+    /// CONNACK does not, so that two clients with one id, which the broker
+    /// plays off against each other, back off instead of reconnecting every
+    /// second forever. Returns how many in a row were closed that soon.
+    fn connection_ended(&mut self, closed: bool) -> u32 {
+        let lived = self
+            .connected_at
+            .take()
+            .map_or(Duration::MAX, |at| at.elapsed());
+        if lived >= SHORT_LIVED {
+            self.backoff.reset();
+            self.outage_since = None;
+            self.short_lived = 0;
+        } else if closed {
+            self.short_lived += 1;
+        }
+        self.short_lived
+    }
+
     fn retrying(&self, failure: &Failure) -> ConnectionState {
         ConnectionState::Retrying {
             failure: failure.clone(),
@@ -184,7 +231,11 @@ impl Driver {
     /// Says why the attempt failed, moves to the next broker of the list, and
     /// waits out the backoff. Returns `false` if stopped meanwhile.
     async fn retry_later(&mut self, failure: &Failure, detail: &str) -> bool {
-        let outage = self.outage_since.get_or_insert_with(Instant::now).elapsed();
+        let mut outage = self.outage_since.get_or_insert_with(Instant::now).elapsed();
+        if self.short_lived >= 2 {
+            // Not a broker restart, which the quick retries are for.
+            outage = outage.max(FAST_PHASE);
+        }
         let delay = self.backoff.next_delay(outage);
         warn!(
             broker = %self.broker(),
@@ -196,6 +247,7 @@ impl Driver {
             "MQTT connection failed"
         );
         debug!(error = %detail, "MQTT connection error detail");
+        lock(&self.shared).counters.last_failure = Some(failure.class());
         if self.config.brokers.len() > 1 {
             self.current = (self.current + 1) % self.config.brokers.len();
             self.configure();
@@ -211,8 +263,8 @@ impl Driver {
     /// gate for requests.
     fn on_connected(&mut self, session_present: bool) {
         self.attempts = 0;
-        self.backoff.reset();
-        self.outage_since = None;
+        // The backoff is reset once the connection has lasted, not here.
+        self.connected_at = Some(Instant::now());
         info!(
             mode = %self.config.mode(),
             broker = %self.broker(),
@@ -232,26 +284,55 @@ impl Driver {
             );
         }
         let mut shared = lock(&self.shared);
+        shared.counters.connections += 1;
+        shared.counters.certificate_not_after = self
+            .material
+            .setup
+            .as_ref()
+            .and_then(|setup| setup.identity.as_ref())
+            .map(|facts| facts.not_after);
+        self.ping_sent = None;
         if !session_present {
-            // The broker forgot our subscriptions and rumqttc dropped its
-            // unacknowledged publishes: restore both from our own records.
-            if !shared.topics.is_empty() {
-                let topics = shared.topics.clone();
-                if let Err(e) = shared.requests.subscribe(topics, self.config.qos) {
-                    error!(error = %e, "cannot queue the SUBSCRIBE");
-                }
+            // The broker forgot our subscriptions, and rumqttc dropped what
+            // it would have replayed: restore both from our own records.
+            shared.requests.forget_all();
+            shared.confirmed.clear();
+        }
+        // With a session the broker keeps what it confirmed, with its QoS;
+        // a SUBSCRIBE it never confirmed to this process is sent (again).
+        let topics: Vec<String> = shared
+            .topics
+            .iter()
+            .filter(|topic| !shared.confirmed.contains(topic))
+            .cloned()
+            .collect();
+        if !topics.is_empty() {
+            if let Err(e) = shared.requests.subscribe(topics, self.config.qos) {
+                error!(error = %e, "cannot queue the SUBSCRIBE");
             }
-            let pending = shared.outbox.pending();
-            if !pending.is_empty() {
-                info!(
-                    count = pending.len(),
-                    "sending again what the broker had not acknowledged"
-                );
-            }
-            for id in pending {
-                if let Err(e) = shared.send(id) {
-                    error!(error = %e, "cannot queue a publish");
-                }
+        }
+        // rumqttc replays, with the packet ids the broker knows, what was on
+        // the wire (a session) or nothing (none); the outbox sends the rest.
+        let (replayed, pending): (Vec<u64>, Vec<u64>) = shared
+            .outbox
+            .pending()
+            .into_iter()
+            .partition(|id| shared.requests.knows(*id));
+        if !replayed.is_empty() {
+            info!(
+                count = replayed.len(),
+                "the broker kept our session: sending again, with the same packet ids, what it had not acknowledged"
+            );
+        }
+        if !pending.is_empty() {
+            info!(
+                count = pending.len(),
+                "sending again what the broker had not acknowledged"
+            );
+        }
+        for id in pending {
+            if let Err(e) = shared.send(id) {
+                error!(error = %e, "cannot queue a publish");
             }
         }
         shared.set_up();
@@ -260,6 +341,9 @@ impl Driver {
     /// Serves the established connection until it ends. We keep polling
     /// even when asked to stop: that is what sends the DISCONNECT.
     async fn serve(&mut self) -> Ended {
+        let start = tokio::time::Instant::now() + TLS_WATCH;
+        let mut watch = tokio::time::interval_at(start, TLS_WATCH);
+        let tls = self.config.tls.is_some();
         loop {
             let polled = {
                 // Dropping this future mid-write could lose the packet being
@@ -271,8 +355,17 @@ impl Driver {
                         biased;
                         command = next_command(&mut self.commands) => Serving::Command(command),
                         polled = &mut next => Serving::Polled(polled),
+                        _ = watch.tick(), if tls => Serving::Watch,
                     };
                     match step {
+                        Serving::Watch => {
+                            self.material.warn_expiry(&self.config);
+                            // The same checked reload as SIGHUP, without one.
+                            if self.material.refresh(&self.config, false) {
+                                info!("the TLS files changed on disk: reconnecting with them");
+                                return Ended::Reload;
+                            }
+                        }
                         Serving::Command(Some(Command::ReloadTls)) => {
                             if self.material.reload(&self.config) {
                                 return Ended::Reload;
@@ -308,6 +401,12 @@ impl Driver {
                 let _ = self.inbox.send(message).await;
             }
             Event::Packet(packet) => self.bookkeep(packet),
+            Event::PingSent => self.ping_sent = Some(Instant::now()),
+            Event::PingAnswered => {
+                if let Some(sent) = self.ping_sent.take() {
+                    lock(&self.shared).counters.ping_round_trip = Some(sent.elapsed());
+                }
+            }
             Event::Disconnected | Event::Other => {}
         }
     }
@@ -324,6 +423,11 @@ impl Driver {
                 match shared.requests.resolve(packet) {
                     Some(Resolved::Delivered(id)) => shared.outbox.delivered(id),
                     Some(Resolved::Subscribed { topics, granted }) => {
+                        for (topic, qos) in topics.iter().zip(&granted) {
+                            if qos.is_some() && !shared.confirmed.contains(topic) {
+                                shared.confirmed.push(topic.clone());
+                            }
+                        }
                         subacks.push((topics, granted))
                     }
                     None => {}
@@ -365,7 +469,12 @@ impl Driver {
             self.on_event(event).await;
         }
         let mut shared = lock(&self.shared);
-        self.session.forget(&mut shared.requests);
+        let shared = &mut *shared;
+        if self.config.persistent_session {
+            self.session.suspend(&mut shared.requests, &shared.outbox);
+        } else {
+            self.session.forget(&mut shared.requests);
+        }
         shared.set_down(next);
     }
 
@@ -384,6 +493,8 @@ struct Material {
     fingerprint: u64,
     /// TLS files found broken, so that we say so once, not at every attempt.
     rejected: Option<u64>,
+    /// The last of [`EXPIRY_WARNINGS`] warned about for the certificate in use.
+    expiry_warned: Option<i64>,
 }
 
 impl Material {
@@ -395,6 +506,28 @@ impl Material {
             return false;
         }
         self.refresh(config, true)
+    }
+
+    /// Warns, once per step of [`EXPIRY_WARNINGS`] (30, 7 and 1 days), that
+    /// the client certificate in use expires soon.
+    fn warn_expiry(&mut self, config: &Options) {
+        let Some(facts) = self.setup.as_ref().and_then(|s| s.identity.as_ref()) else {
+            return;
+        };
+        let days = (facts.not_after - tls::unix_now()).div_euclid(86_400);
+        let Some(step) = EXPIRY_WARNINGS.into_iter().find(|step| days < *step) else {
+            return;
+        };
+        if self.expiry_warned.is_some_and(|warned| warned <= step) {
+            return;
+        }
+        self.expiry_warned = Some(step);
+        warn!(
+            days_left = days,
+            var = %config.names.var("MQTT_TLS_CLIENT_CERT"),
+            "the client certificate expires soon: put a renewed one at that path; \
+             it is picked up within seconds, without a restart or SIGHUP"
+        );
     }
 
     /// Re-reads the TLS files if they changed on disk, checking them as at
@@ -422,6 +555,7 @@ impl Material {
                 self.setup = Some(setup);
                 self.fingerprint = fingerprint;
                 self.rejected = None;
+                self.expiry_warned = None;
                 info!("TLS files changed: using the new material");
                 true
             }
@@ -446,11 +580,12 @@ async fn diagnose(
     tls: Option<&TlsSetup>,
 ) -> Failure {
     match (&failure, tls) {
-        (Failure::ClosedBeforeConnAck, Some(tls)) => {
-            probe::tls_refusal(&config.brokers[broker], tls, config.mode())
-                .await
-                .unwrap_or(failure)
-        }
+        (
+            Failure::ClosedBeforeConnAck | Failure::ClosedBeforeConnAckWithoutCertificate,
+            Some(tls),
+        ) => probe::tls_refusal(&config.brokers[broker], tls, config.mode())
+            .await
+            .unwrap_or(failure),
         _ => failure,
     }
 }

@@ -11,6 +11,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::{AlertDescription, CertificateError};
 
@@ -49,8 +50,15 @@ pub enum Failure {
     ClientCertificateExpired,
     /// The TLS handshake failed for another reason.
     Tls(rustls::Error),
-    /// The server closed the connection before answering CONNECT.
+    /// The server closed the connection before answering CONNECT, after a
+    /// TLS handshake in which we sent a client certificate.
     ClosedBeforeConnAck,
+    /// The same over plain MQTT: what an `AUTH=x509` edge does to every
+    /// plain connection.
+    ClosedBeforeConnAckPlain,
+    /// The same over TLS without a client certificate: the edge may require
+    /// one, or a router sent us elsewhere.
+    ClosedBeforeConnAckWithoutCertificate,
     /// The broker refused our username and password.
     NotAuthorized,
     /// The broker refused the connection for another reason.
@@ -62,6 +70,11 @@ pub enum Failure {
     /// An established connection was lost.
     ConnectionLost(ConnectionLoss),
 }
+
+/// A connection the broker closes sooner than this after CONNACK does not
+/// reset the backoff, and from the second in a row is reported as
+/// [`ConnectionLoss::TakenOver`].
+pub(crate) const SHORT_LIVED: Duration = Duration::from_secs(5);
 
 /// Why an established connection ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +91,15 @@ pub enum ConnectionLoss {
     /// The broker broke the protocol (an acknowledgement for nothing, a
     /// packet that cannot be decoded, ...), in the MQTT library's words.
     Protocol(String),
+    /// The broker closed the connection shortly after accepting it, `times`
+    /// times in a row: what a broker does to the older of two clients with
+    /// one client id (MQTT 3.1.1 gives no reason).
+    TakenOver {
+        /// Our client id (not secret).
+        client_id: String,
+        /// Connections in a row that ended this way.
+        times: u32,
+    },
 }
 
 /// An I/O error as the operating system reported it, shared so that a
@@ -146,7 +168,7 @@ impl Failure {
         use io::ErrorKind::*;
         match error.kind() {
             UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
-                Self::closed(connected)
+                Self::closed(connected, mode)
             }
             TimedOut => Failure::Timeout,
             ConnectionRefused => Failure::Unreachable(error.into()),
@@ -157,10 +179,20 @@ impl Failure {
 
     /// The stream ended: before CONNACK, a refusal the server did not explain;
     /// after, a lost connection.
-    pub(crate) fn closed(connected: bool) -> Self {
+    pub(crate) fn closed(connected: bool, mode: Mode) -> Self {
         match connected {
-            false => Failure::ClosedBeforeConnAck,
+            false => Self::closed_before_connack(mode),
             true => Failure::ConnectionLost(ConnectionLoss::Closed),
+        }
+    }
+
+    /// The server closed the connection before answering CONNECT, explained
+    /// by `mode`: whether TLS ran, and whether we sent a client certificate.
+    pub fn closed_before_connack(mode: Mode) -> Self {
+        match mode {
+            Mode::Plain => Failure::ClosedBeforeConnAckPlain,
+            Mode::Tls => Failure::ClosedBeforeConnAckWithoutCertificate,
+            Mode::MutualTls => Failure::ClosedBeforeConnAck,
         }
     }
 
@@ -223,11 +255,14 @@ impl Failure {
             Failure::ClientCertificateRejected(_) => "client-certificate-rejected",
             Failure::ClientCertificateExpired => "client-certificate-expired",
             Failure::Tls(_) => "tls",
-            Failure::ClosedBeforeConnAck => "closed-before-connack",
+            Failure::ClosedBeforeConnAck
+            | Failure::ClosedBeforeConnAckPlain
+            | Failure::ClosedBeforeConnAckWithoutCertificate => "closed-before-connack",
             Failure::NotAuthorized => "not-authorized",
             Failure::Refused(_) => "refused",
             Failure::Unreachable(_) => "unreachable",
             Failure::Timeout => "timeout",
+            Failure::ConnectionLost(ConnectionLoss::TakenOver { .. }) => "taken-over",
             Failure::ConnectionLost(_) => "connection-lost",
         }
     }
@@ -322,6 +357,20 @@ impl Failure {
                  otherwise check the edge's and the broker's logs",
                 var("CLIENT_KEY")
             ),
+            Failure::ClosedBeforeConnAckPlain => format!(
+                "an AUTH=x509 edge (Magistrala's nginx with client certificates) refuses plain connections: \
+                 use an ssl:// address in {} with a client certificate ({} and {}); \
+                 otherwise check the edge's and the broker's logs",
+                var("MQTT_ADDRESS"),
+                var("MQTT_TLS_CLIENT_CERT"),
+                var("MQTT_TLS_CLIENT_KEY")
+            ),
+            Failure::ClosedBeforeConnAckWithoutCertificate => format!(
+                "the edge may require a client certificate (set {} and {}), or a router \
+                 (such as Traefik HostSNI) sent the connection elsewhere; check the edge's and the broker's logs",
+                var("MQTT_TLS_CLIENT_CERT"),
+                var("MQTT_TLS_CLIENT_KEY")
+            ),
             Failure::NotAuthorized => format!(
                 "check {} and {} against the Magistrala client",
                 var("CLIENT_ID"),
@@ -336,6 +385,11 @@ impl Failure {
                 "check that the port speaks MQTT{}, or raise {} on a slow link",
                 " (TLS ports need an ssl:// address)",
                 var("MQTT_TIMEOUT")
+            ),
+            Failure::ConnectionLost(ConnectionLoss::TakenOver { .. }) => format!(
+                "give every process its own {} (a copied .env, or an old instance still running \
+                 after a rolling update); stop the other client; retrying with a growing delay",
+                var("CLIENT_ID")
             ),
             Failure::ConnectionLost(_) => "reconnecting; check the network and the broker's logs if it repeats".to_owned(),
         }
@@ -390,6 +444,13 @@ impl fmt::Display for Failure {
             Failure::ClosedBeforeConnAck => {
                 f.write_str("the connection was closed before the broker answered CONNECT")
             }
+            Failure::ClosedBeforeConnAckPlain => f.write_str(
+                "the connection was closed before the broker answered CONNECT (plain MQTT)",
+            ),
+            Failure::ClosedBeforeConnAckWithoutCertificate => f.write_str(
+                "the connection was closed before the broker answered CONNECT \
+                 (TLS, no client certificate sent)",
+            ),
             Failure::NotAuthorized => {
                 f.write_str("the broker refused our credentials (not authorized)")
             }
@@ -411,6 +472,12 @@ impl fmt::Display for ConnectionLoss {
             ConnectionLoss::WriteTimeout => f.write_str("a write to the broker timed out"),
             ConnectionLoss::Io(why) => why.fmt(f),
             ConnectionLoss::Protocol(why) => f.write_str(why),
+            ConnectionLoss::TakenOver { client_id, times } => write!(
+                f,
+                "the broker closed the connection within {}s of accepting it, {times} times in a row: \
+                 another client is probably connected with the same client id {client_id:?}",
+                SHORT_LIVED.as_secs()
+            ),
         }
     }
 }
@@ -502,6 +569,14 @@ mod tests {
         let reset = || io::Error::from(io::ErrorKind::ConnectionReset);
         assert_eq!(
             Failure::from_io_error(reset(), false, Mode::Plain),
+            Failure::ClosedBeforeConnAckPlain
+        );
+        assert_eq!(
+            Failure::from_io_error(reset(), false, Mode::Tls),
+            Failure::ClosedBeforeConnAckWithoutCertificate
+        );
+        assert_eq!(
+            Failure::from_io_error(reset(), false, Mode::MutualTls),
             Failure::ClosedBeforeConnAck
         );
         assert_eq!(
@@ -611,5 +686,37 @@ mod tests {
         assert!(Failure::ClosedBeforeConnAck
             .fix(&Names::prefixed("MANAGER_"))
             .contains("MANAGER_CLIENT_KEY"));
+    }
+
+    /// A close before CONNACK is explained by the mode; the CN rule is named
+    /// only when a client certificate was sent.
+    #[test]
+    fn a_close_before_connack_is_explained_by_the_mode() {
+        let names = Names::prefixed("PROPLET_");
+        let plain = Failure::closed_before_connack(Mode::Plain).fix(&names);
+        assert!(
+            plain.contains("AUTH=x509 edge") && plain.contains("refuses plain connections"),
+            "{plain}"
+        );
+        assert!(
+            plain.contains("ssl://") && plain.contains("PROPLET_MQTT_TLS_CLIENT_CERT"),
+            "{plain}"
+        );
+        let tls = Failure::closed_before_connack(Mode::Tls).fix(&names);
+        assert!(
+            tls.contains("may require a client certificate") && tls.contains("router"),
+            "{tls}"
+        );
+        let mtls = Failure::closed_before_connack(Mode::MutualTls).fix(&names);
+        assert!(mtls.contains("CN"), "{mtls}");
+        for fix in [&plain, &tls] {
+            assert!(!fix.contains("CN"), "{fix}");
+        }
+        for mode in [Mode::Plain, Mode::Tls, Mode::MutualTls] {
+            assert_eq!(
+                Failure::closed_before_connack(mode).class(),
+                "closed-before-connack"
+            );
+        }
     }
 }

@@ -109,6 +109,11 @@ pub(crate) struct Shared {
     pub outbox: Outbox,
     /// The topics to subscribe at every connection without a session.
     pub topics: Vec<String>,
+    /// What [`Client::metrics`] reports, as the driver saw it.
+    pub counters: Counters,
+    /// Topics the broker granted to this process (SUBACK): with a session,
+    /// they are not subscribed again.
+    pub confirmed: Vec<String>,
     pub requests: Requests,
 }
 
@@ -124,6 +129,8 @@ impl Shared {
             state,
             outbox,
             topics,
+            confirmed: Vec::new(),
+            counters: Counters::default(),
             requests,
         }
     }
@@ -163,6 +170,40 @@ pub(crate) fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 }
 
 /// What a client handle asks of the driver.
+/// The driver's running figures, kept with the shared state.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    /// CONNACKs received.
+    pub connections: u64,
+    /// The class of the last failure, if any.
+    pub last_failure: Option<&'static str>,
+    /// When the client certificate in use expires (seconds since the epoch).
+    pub certificate_not_after: Option<i64>,
+    /// The last PINGREQ to PINGRESP time.
+    pub ping_round_trip: Option<Duration>,
+}
+
+/// A snapshot of a [`Client`]'s connection ([`Client::metrics`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Metrics {
+    /// Connected now.
+    pub connected: bool,
+    /// CONNACKs received since the client started.
+    pub connections: u64,
+    /// Connections after the first: how often the link was restored.
+    pub reconnects: u64,
+    /// [`Failure::class`] of the last failure, if there was one.
+    pub last_failure_class: Option<&'static str>,
+    /// Messages waiting for the broker's acknowledgement.
+    pub outbox_depth: usize,
+    /// Whole days until the client certificate expires (negative once it
+    /// has); `None` without one.
+    pub certificate_days_left: Option<i64>,
+    /// The last keep-alive round trip (PINGREQ to PINGRESP); `None` before
+    /// the first.
+    pub ping_round_trip: Option<Duration>,
+}
+
 #[derive(Debug)]
 pub(crate) enum Command {
     /// Re-read the TLS files; reconnect if they changed.
@@ -335,6 +376,24 @@ impl Client {
     /// broken, it keeps the connection and the material it has, and logs why.
     pub fn reload_tls(&self) {
         let _ = self.inner.commands.send(Command::ReloadTls);
+    }
+
+    /// A snapshot of the connection's figures, for `/metrics` and health
+    /// files.
+    pub fn metrics(&self) -> Metrics {
+        let shared = lock(&self.inner.shared);
+        let counters = &shared.counters;
+        Metrics {
+            connected: shared.connected(),
+            connections: counters.connections,
+            reconnects: counters.connections.saturating_sub(1),
+            last_failure_class: counters.last_failure,
+            outbox_depth: shared.outbox.len(),
+            certificate_days_left: counters
+                .certificate_not_after
+                .map(|not_after| (not_after - crate::tls::unix_now()).div_euclid(86_400)),
+            ping_round_trip: counters.ping_round_trip,
+        }
     }
 
     /// How many messages wait for the broker's acknowledgement.

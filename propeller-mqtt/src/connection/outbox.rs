@@ -3,7 +3,10 @@
 //!
 //! rumqttc forgets its unacknowledged publishes whenever the broker kept no
 //! session (always, with a clean session), so we keep our own record and send
-//! them again after every such CONNACK. Which message an acknowledgement is
+//! them again after every such CONNACK. After a CONNACK with a session
+//! (`P_MQTT_PERSISTENT_SESSION`) rumqttc sends again what was on the wire,
+//! with the packet ids the broker knows, and we send only the rest
+//! (`session::Session::suspend`). Which message an acknowledgement is
 //! for is the adapter's business (`session::Requests`): the outbox only
 //! hears "message `id` is delivered".
 

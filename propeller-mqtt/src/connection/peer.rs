@@ -86,10 +86,15 @@ impl Peer {
 
     /// The next connection, accepted: CONNACK without a session.
     pub async fn accept_session(&self) -> Conn {
+        self.accept_with(false).await
+    }
+
+    /// The next connection, accepted: CONNACK with `session_present`.
+    pub async fn accept_with(&self, session_present: bool) -> Conn {
         let mut conn = self.accept().await;
         conn.send(&[Packet::ConnAck(ConnAck::new(
             ConnectReturnCode::Success,
-            false,
+            session_present,
         ))])
         .await;
         conn

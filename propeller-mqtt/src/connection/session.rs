@@ -39,10 +39,17 @@
 //!    connection is forgotten. [`Session::next_buffered_packet`] peeks at the
 //!    same queue to take a batch of acknowledgements under one lock.
 //! 4. **`EventLoop::clean()`** drops the network and moves unacknowledged
-//!    and still-queued requests to `EventLoop::pending`, which rumqttc
-//!    discards at the next CONNACK without a session. We always ask for a
-//!    clean session, so nothing queued for one connection reaches the next:
-//!    our outbox sends it again.
+//!    and still-queued requests to `EventLoop::pending` (a public field),
+//!    which rumqttc discards at the next CONNACK without a session and
+//!    replays, before any new request, after a CONNACK with one. With a
+//!    clean session (the default) nothing queued for one connection reaches
+//!    the next: [`Session::forget`], and our outbox sends it again. With a
+//!    persistent session, [`Session::suspend`] rewrites `pending` from our
+//!    own records: PUBREL for every QoS 2 message whose PUBREC came, then
+//!    every message on the wire with the packet id the broker knows and DUP
+//!    set, nothing else. Only those are replayed if the broker kept the
+//!    session; our outbox sends the rest (never on the wire) as new. A replay
+//!    is reported as `Outgoing::Publish(pkid)` like any publish (point 1).
 //! 5. **`EventLoop::state.collision`** (public): a publish held back for an
 //!    id of the old connection would block every request of the new one
 //!    until an acknowledgement that never comes. [`Session::forget`] clears it.
@@ -74,11 +81,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event as RawEvent, EventLoop, Incoming,
-    MqttOptions, Outgoing, StateError, SubscribeFilter, SubscribeReasonCode, TlsConfiguration,
-    Transport,
+    MqttOptions, Outgoing, PubRel, Publish, Request, StateError, SubscribeFilter,
+    SubscribeReasonCode, TlsConfiguration, Transport,
 };
 
 use super::failure::{find, ConnectionLoss, Failure};
+use super::outbox::Outbox;
 use super::{socket, Message};
 use crate::env::BrokerAddress;
 use crate::tls::TlsSetup;
@@ -106,7 +114,7 @@ fn mqtt_options(config: &Options, broker: &BrokerAddress, tls: Option<&TlsSetup>
         .set_keep_alive(config.keep_alive)
         .set_max_packet_size(config.max_packet_size, config.max_packet_size)
         // Point 4 of the module documentation depends on it.
-        .set_clean_session(true);
+        .set_clean_session(!config.persistent_session);
     if let Some(will) = &config.last_will {
         options.set_last_will(rumqttc::LastWill::new(
             &will.topic,
@@ -158,6 +166,10 @@ pub(crate) enum Event {
     Packet(Packet),
     /// Our DISCONNECT went out: the session is over.
     Disconnected,
+    /// Our keep-alive PINGREQ went out.
+    PingSent,
+    /// The broker's PINGRESP came.
+    PingAnswered,
     /// Nothing for us: pings, the middle of the QoS 2 exchange, our own
     /// acknowledgements.
     Other,
@@ -176,6 +188,8 @@ enum PacketKind {
     HeldBack(u16),
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2).
     Acknowledged(u16),
+    /// PUBREC (QoS 2): the broker has the message; PUBCOMP is due.
+    Received(u16),
     /// The next queued SUBSCRIBE went out with this id.
     SubscribeSent(u16),
     /// SUBACK: the QoS granted to each topic, `None` where refused.
@@ -193,6 +207,7 @@ impl From<RawEvent> for Event {
             }),
             RawEvent::Incoming(Incoming::PubAck(ack)) => packet(Acknowledged(ack.pkid)),
             RawEvent::Incoming(Incoming::PubComp(comp)) => packet(Acknowledged(comp.pkid)),
+            RawEvent::Incoming(Incoming::PubRec(rec)) => packet(Received(rec.pkid)),
             RawEvent::Incoming(Incoming::SubAck(suback)) => {
                 let granted = suback
                     .return_codes
@@ -208,6 +223,8 @@ impl From<RawEvent> for Event {
             RawEvent::Outgoing(Outgoing::AwaitAck(pkid)) => packet(HeldBack(pkid)),
             RawEvent::Outgoing(Outgoing::Subscribe(pkid)) => packet(SubscribeSent(pkid)),
             RawEvent::Outgoing(Outgoing::Disconnect) => Event::Disconnected,
+            RawEvent::Outgoing(Outgoing::PingReq) => Event::PingSent,
+            RawEvent::Incoming(Incoming::PingResp) => Event::PingAnswered,
             _ => Event::Other,
         }
     }
@@ -217,10 +234,11 @@ impl From<RawEvent> for Event {
 fn is_packet(event: &RawEvent) -> bool {
     matches!(
         event,
-        RawEvent::Incoming(Incoming::PubAck(_) | Incoming::PubComp(_) | Incoming::SubAck(_))
-            | RawEvent::Outgoing(
-                Outgoing::Publish(_) | Outgoing::AwaitAck(_) | Outgoing::Subscribe(_)
-            )
+        RawEvent::Incoming(
+            Incoming::PubAck(_) | Incoming::PubComp(_) | Incoming::PubRec(_) | Incoming::SubAck(_)
+        ) | RawEvent::Outgoing(
+            Outgoing::Publish(_) | Outgoing::AwaitAck(_) | Outgoing::Subscribe(_)
+        )
     )
 }
 
@@ -305,6 +323,42 @@ impl Session {
         self.eventloop.state.collision = None;
         requests.forget();
     }
+
+    /// [`Session::forget`] for a persistent session: ends the connection and
+    /// leaves in rumqttc's `pending` exactly what the broker may know by
+    /// packet id (point 4), rebuilt from `requests` and `outbox`: PUBREL for
+    /// each QoS 2 message whose PUBREC came, then each message on the wire
+    /// (oldest first) with its packet id and DUP set. rumqttc replays them
+    /// after a CONNACK with a session, and drops them after one without
+    /// (then call [`Requests::forget_all`]). Publishes never written, held
+    /// back or queued, are dropped: they are not [`Requests::knows`], and
+    /// the outbox sends them as new. Same preconditions as `forget`.
+    pub fn suspend(&mut self, requests: &mut Requests, outbox: &Outbox) {
+        debug_assert!(
+            self.eventloop.state.events.is_empty(),
+            "events left to take"
+        );
+        self.eventloop.clean();
+        self.eventloop.state.collision = None;
+        self.eventloop.pending.clear();
+        let (releases, replays) = requests.suspend();
+        for pkid in releases {
+            self.eventloop
+                .pending
+                .push_back(Request::PubRel(PubRel::new(pkid)));
+        }
+        for (id, pkid) in replays {
+            let Some(entry) = outbox.get(id) else {
+                continue;
+            };
+            let mut publish =
+                Publish::from_bytes(entry.topic.clone(), entry.qos, entry.payload.clone());
+            publish.pkid = pkid;
+            publish.dup = true;
+            self.eventloop.pending.push_back(Request::Publish(publish));
+            requests.publishes.push_back((id, Some(pkid)));
+        }
+    }
 }
 
 /// The request side: rumqttc's request queue, and a record, in the order
@@ -313,17 +367,28 @@ impl Session {
 #[derive(Debug)]
 pub(crate) struct Requests {
     client: AsyncClient,
-    /// Outbox ids of publishes queued to rumqttc, not yet given a packet id.
-    publishes: VecDeque<u64>,
+    /// Outbox ids of publishes queued to rumqttc and not reported sent yet:
+    /// new ones (`None`), or replays of a persistent session with the packet
+    /// id the broker knows.
+    publishes: VecDeque<(u64, Option<u16>)>,
     /// A publish rumqttc held back because its packet id was still in use.
     held: Option<(u16, u64)>,
     /// Outbox ids of publishes on the wire, by packet id, oldest first: at
     /// QoS 2 one id can be on the wire twice (point 2).
-    on_wire: HashMap<u16, VecDeque<u64>>,
+    on_wire: HashMap<u16, VecDeque<Flight>>,
     /// Topic lists of SUBSCRIBE requests queued to rumqttc, in order.
     subscribes: VecDeque<Vec<String>>,
     /// Topic lists of SUBSCRIBE packets sent, by packet id.
     subscribed: HashMap<u16, Vec<String>>,
+}
+
+/// A publish on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Flight {
+    /// Its outbox id.
+    id: u64,
+    /// QoS 2: PUBREC came and PUBREL went out; only PUBCOMP is due.
+    released: bool,
 }
 
 /// What a [`Packet`] turned out to be about.
@@ -372,7 +437,7 @@ impl Requests {
             Some(Ok(())) => {}
             Some(Err(_)) | None => return Err(ClientError::Closed),
         }
-        self.publishes.push_back(id);
+        self.publishes.push_back((id, None));
         Ok(())
     }
 
@@ -405,17 +470,20 @@ impl Requests {
                         self.held = None;
                         id
                     }
-                    _ => self.publishes.pop_front()?,
+                    _ => self.publishes.pop_front()?.0,
                 };
                 if pkid == 0 {
                     // QoS 0: sent is all it will ever be.
                     return Some(Resolved::Delivered(id));
                 }
-                self.on_wire.entry(pkid).or_default().push_back(id);
+                self.on_wire.entry(pkid).or_default().push_back(Flight {
+                    id,
+                    released: false,
+                });
                 None
             }
             PacketKind::HeldBack(pkid) => {
-                if let Some(id) = self.publishes.pop_front() {
+                if let Some((id, _)) = self.publishes.pop_front() {
                     self.held = Some((pkid, id));
                 }
                 None
@@ -426,7 +494,20 @@ impl Requests {
                 if waiting.is_empty() {
                     self.on_wire.remove(&pkid);
                 }
-                id.map(Resolved::Delivered)
+                id.map(|flight| Resolved::Delivered(flight.id))
+            }
+            PacketKind::Received(pkid) => {
+                // rumqttc reuses an id only after PUBREC (point 2): at most
+                // one flight of an id is not released yet.
+                let flight = self
+                    .on_wire
+                    .get_mut(&pkid)?
+                    .iter_mut()
+                    .find(|f| !f.released);
+                if let Some(flight) = flight {
+                    flight.released = true;
+                }
+                None
             }
             PacketKind::SubscribeSent(pkid) => {
                 if let Some(topics) = self.subscribes.pop_front() {
@@ -439,6 +520,52 @@ impl Requests {
                 granted,
             }),
         }
+    }
+
+    /// Whether message `id` is queued to rumqttc or on the wire: with a
+    /// persistent session, what rumqttc replays (see [`Session::suspend`]).
+    pub fn knows(&self, id: u64) -> bool {
+        self.publishes.iter().any(|(queued, _)| *queued == id)
+            || self.held.is_some_and(|(_, held)| held == id)
+            || self.on_wire.values().flatten().any(|f| f.id == id)
+    }
+
+    /// A persistent session's connection is gone: returns the packet ids to
+    /// release again, and the messages to publish again with their packet
+    /// ids, oldest first. Released flights stay on the wire (their PUBCOMP is
+    /// due), the others go back to `publishes` as the caller replays them;
+    /// what never had a packet id is forgotten, and so is every SUBSCRIBE.
+    fn suspend(&mut self) -> (Vec<u16>, Vec<(u64, u16)>) {
+        let mut replays: Vec<(u64, u16)> = self
+            .publishes
+            .drain(..)
+            .filter_map(|(id, pkid)| pkid.map(|pkid| (id, pkid)))
+            .collect();
+        let mut releases = Vec::new();
+        for (pkid, flights) in &mut self.on_wire {
+            flights.retain(|flight| {
+                if !flight.released {
+                    replays.push((flight.id, *pkid));
+                }
+                flight.released
+            });
+            if !flights.is_empty() {
+                releases.push(*pkid);
+            }
+        }
+        self.on_wire.retain(|_, flights| !flights.is_empty());
+        replays.sort_unstable();
+        releases.sort_unstable();
+        self.held = None;
+        self.subscribes.clear();
+        self.subscribed.clear();
+        (releases, replays)
+    }
+
+    /// After a CONNACK without a session: rumqttc dropped what it would have
+    /// replayed, so every packet id is forgotten.
+    pub fn forget_all(&mut self) {
+        self.forget();
     }
 
     /// The connection is gone, and with it every packet id and queued request.
@@ -492,7 +619,7 @@ impl LinkError {
                 return Failure::Refused(format!("the broker answered CONNECT with {packet:?}"))
             }
             ConnectionError::MqttState(StateError::ConnectionAborted) => {
-                return Failure::closed(connected)
+                return Failure::closed(connected, mode)
             }
             error => error,
         };
@@ -636,7 +763,7 @@ mod tests {
         let reset = ConnectionError::Io(io::ErrorKind::ConnectionReset.into());
         assert_eq!(
             failure(reset, false, Mode::Plain),
-            Failure::ClosedBeforeConnAck
+            Failure::ClosedBeforeConnAckPlain
         );
     }
 

@@ -309,3 +309,292 @@ async fn reloading_unchanged_tls_files_keeps_the_connection() {
     connected(&mut state).await;
     shut_down(client, &mut conn).await;
 }
+
+/// With a persistent session, a client whose connection dropped.
+async fn persistent(
+    peer: &Peer,
+    qos: QoS,
+    topics: Vec<String>,
+) -> (Client, watch::Receiver<ConnectionState>, super::peer::Conn) {
+    let config = options(&[peer]).with_qos(qos).with_persistent_session(true);
+    let (client, _messages) = Client::start(&config, topics).unwrap();
+    let mut state = client.state();
+    let conn = peer.accept_session().await;
+    connected(&mut state).await;
+    (client, state, conn)
+}
+
+/// A persistent session at QoS 1 that the broker kept: rumqttc sends again
+/// what was on the wire, with the same packet ids and DUP set, the outbox
+/// sends only what never went out, and the confirmed subscription is not
+/// sent again. Nothing is sent twice: after the last expected packet comes
+/// only DISCONNECT.
+#[tokio::test]
+async fn a_kept_session_resends_with_the_same_packet_ids_once_at_qos1() {
+    let peer = Peer::plain().await;
+    let (client, mut state, mut conn) =
+        persistent(&peer, QoS::AtLeastOnce, vec!["in".into()]).await;
+    assert_eq!(subscribed(&mut conn).await, ["in"]);
+
+    let mut deliveries = publish(&client, &["0", "1", "2"]).await;
+    let sent = conn.publishes(3).await;
+    conn.puback([sent[0].pkid]).await;
+    drop(conn);
+    retrying(&mut state).await;
+    let first = deliveries.remove(0);
+    acknowledged(first).await;
+    // Published while the link is down: never on the wire.
+    deliveries.extend(publish(&client, &["3"]).await);
+
+    let mut conn = peer.accept_with(true).await;
+    let again = conn.publishes(3).await;
+    assert_eq!(
+        again
+            .iter()
+            .map(|p| (text(p), p.pkid, p.dup))
+            .collect::<Vec<_>>(),
+        [
+            ("1".to_owned(), sent[1].pkid, true),
+            ("2".to_owned(), sent[2].pkid, true),
+            ("3".to_owned(), again[2].pkid, false),
+        ]
+    );
+    connected(&mut state).await;
+    conn.puback(again.iter().map(|p| p.pkid)).await;
+    for delivery in deliveries {
+        acknowledged(delivery).await;
+    }
+    shut_down(client, &mut conn).await;
+}
+
+/// The same client, but the broker lost the session: everything
+/// unacknowledged comes from the outbox, and the subscription is restored.
+#[tokio::test]
+async fn a_lost_session_resends_from_the_outbox_and_subscribes_again() {
+    let peer = Peer::plain().await;
+    let (client, mut state, mut conn) =
+        persistent(&peer, QoS::AtLeastOnce, vec!["in".into()]).await;
+    assert_eq!(subscribed(&mut conn).await, ["in"]);
+    let deliveries = publish(&client, &["0", "1"]).await;
+    conn.publishes(2).await;
+    drop(conn);
+    retrying(&mut state).await;
+
+    let mut conn = peer.accept_with(false).await;
+    assert_eq!(subscribed(&mut conn).await, ["in"]);
+    let again = conn.publishes(2).await;
+    assert_eq!(texts(&again), ["0", "1"]);
+    assert!(again.iter().all(|p| !p.dup));
+    conn.puback(again.iter().map(|p| p.pkid)).await;
+    for delivery in deliveries {
+        acknowledged(delivery).await;
+    }
+    shut_down(client, &mut conn).await;
+}
+
+/// QoS 2 exactly once across a kept session: a message whose PUBREC came
+/// is released again (PUBREL, not PUBLISH); one whose PUBREC did not come
+/// is published again with the packet id the broker knows, so the broker can
+/// tell it is the same message. Each completes on its own PUBCOMP.
+#[tokio::test]
+async fn a_kept_session_releases_and_resends_qos2_with_the_same_packet_ids() {
+    use rumqttc::{PubComp, PubRec, PubRel};
+    let peer = Peer::plain().await;
+    let (client, mut state, mut conn) = persistent(&peer, QoS::ExactlyOnce, vec![]).await;
+
+    let deliveries = publish(&client, &["a", "b"]).await;
+    let sent = conn.publishes(2).await;
+    conn.send(&[Packet::PubRec(PubRec::new(sent[0].pkid))])
+        .await;
+    assert_eq!(
+        conn.read().await,
+        Some(Packet::PubRel(PubRel::new(sent[0].pkid)))
+    );
+    drop(conn);
+    retrying(&mut state).await;
+
+    let mut conn = peer.accept_with(true).await;
+    assert_eq!(
+        conn.read().await,
+        Some(Packet::PubRel(PubRel::new(sent[0].pkid)))
+    );
+    let b = conn.publish().await;
+    assert_eq!(
+        (text(&b), b.pkid, b.dup),
+        ("b".to_owned(), sent[1].pkid, true)
+    );
+    connected(&mut state).await;
+    conn.send(&[
+        Packet::PubComp(PubComp::new(sent[0].pkid)),
+        Packet::PubRec(PubRec::new(b.pkid)),
+    ])
+    .await;
+    assert_eq!(conn.read().await, Some(Packet::PubRel(PubRel::new(b.pkid))));
+    conn.send(&[Packet::PubComp(PubComp::new(b.pkid))]).await;
+    for delivery in deliveries {
+        acknowledged(delivery).await;
+    }
+    shut_down(client, &mut conn).await;
+}
+
+/// A persistent session that the broker kept from an earlier process: this
+/// process has confirmed nothing, so it subscribes anyway.
+#[tokio::test]
+async fn a_session_kept_from_another_process_is_subscribed_again() {
+    let peer = Peer::plain().await;
+    let config = options(&[&peer]).with_persistent_session(true);
+    let (client, _messages) = Client::start(&config, vec!["in".into()]).unwrap();
+    let mut state = client.state();
+    let mut conn = peer.accept_with(true).await;
+    connected(&mut state).await;
+    assert_eq!(subscribed(&mut conn).await, ["in"]);
+    shut_down(client, &mut conn).await;
+}
+
+/// A kept session lost again before the broker acknowledged the replays:
+/// the next kept session replays them once more, still with the packet ids
+/// the broker knows.
+#[tokio::test]
+async fn replays_keep_their_packet_ids_across_two_kept_sessions() {
+    let peer = Peer::plain().await;
+    let (client, mut state, mut conn) = persistent(&peer, QoS::AtLeastOnce, vec![]).await;
+    let deliveries = publish(&client, &["x", "y"]).await;
+    let sent = conn.publishes(2).await;
+    drop(conn);
+    retrying(&mut state).await;
+    for _ in 0..2 {
+        let mut conn = peer.accept_with(true).await;
+        let again = conn.publishes(2).await;
+        assert_eq!(texts_and_ids(&again), texts_and_ids(&sent));
+        drop(conn);
+        retrying(&mut state).await;
+    }
+    let mut conn = peer.accept_with(true).await;
+    let again = conn.publishes(2).await;
+    assert_eq!(texts_and_ids(&again), texts_and_ids(&sent));
+    conn.puback(again.iter().map(|p| p.pkid)).await;
+    for delivery in deliveries {
+        acknowledged(delivery).await;
+    }
+    shut_down(client, &mut conn).await;
+}
+
+fn texts_and_ids(publishes: &[Publish]) -> Vec<(String, u16)> {
+    publishes.iter().map(|p| (text(p), p.pkid)).collect()
+}
+
+/// The snapshot counts connections, the last failure and the outbox.
+#[tokio::test]
+async fn metrics_count_connections_failures_and_the_outbox() {
+    let peer = Peer::plain().await;
+    let (client, _messages) = Client::start(&options(&[&peer]), vec![]).unwrap();
+    let mut state = client.state();
+    let conn = peer.accept_session().await;
+    connected(&mut state).await;
+    let _deliveries = publish(&client, &["a", "b"]).await;
+    let metrics = client.metrics();
+    assert!(metrics.connected);
+    assert_eq!((metrics.connections, metrics.reconnects), (1, 0));
+    assert_eq!(metrics.outbox_depth, 2);
+    assert_eq!(metrics.last_failure_class, None);
+    assert_eq!(metrics.certificate_days_left, None);
+    drop(conn);
+    retrying(&mut state).await;
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+    let again = conn.publishes(2).await;
+    let metrics = client.metrics();
+    assert_eq!((metrics.connections, metrics.reconnects), (2, 1));
+    assert_eq!(metrics.last_failure_class, Some("connection-lost"));
+    conn.puback(again.iter().map(|p| p.pkid)).await;
+    shut_down(client, &mut conn).await;
+}
+
+/// Two clients with one id: the broker accepts each, then closes it when
+/// the other connects. A connection closed that soon after CONNACK, again
+/// and again, is explained as such, naming the id, and does not reset the
+/// backoff.
+#[tokio::test]
+async fn connections_closed_right_after_connack_are_explained_as_a_takeover() {
+    let peer = Peer::plain().await;
+    let config = options(&[&peer]).with_reconnect_delays(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_millis(50),
+    );
+    let (client, _messages) = Client::start(&config, vec![]).unwrap();
+    let mut state = client.state();
+    let mut failures = Vec::new();
+    for _ in 0..3 {
+        let conn = peer.accept_session().await;
+        connected(&mut state).await;
+        drop(conn);
+        failures.push(retrying(&mut state).await);
+    }
+    assert_eq!(
+        failures[0],
+        Failure::ConnectionLost(ConnectionLoss::Closed),
+        "once is not yet a pattern"
+    );
+    let taken_over = Failure::ConnectionLost(ConnectionLoss::TakenOver {
+        client_id: "tester".into(),
+        times: 3,
+    });
+    assert_eq!(failures[2], taken_over);
+    assert_eq!(failures[2].class(), "taken-over");
+    let cause = failures[2].to_string();
+    assert!(
+        cause.contains("another client is probably connected with the same client id \"tester\""),
+        "{cause}"
+    );
+    let fix = failures[2].fix(&crate::Names::prefixed("PROPLET_"));
+    assert!(fix.contains("PROPLET_CLIENT_ID"), "{fix}");
+    client.shutdown().await;
+}
+
+/// TLS files mounted the Kubernetes way (`ca.crt -> ..data/ca.crt`,
+/// `..data -> ..2026_a`): swapping `..data` to a new directory is picked
+/// up without SIGHUP, checked as at startup, and the client reconnects
+/// with the new material.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_kubernetes_data_swap_is_picked_up_without_a_signal() {
+    use std::os::unix::fs::symlink;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, server) = tls_material(dir.path());
+    let mount = dir.path().join("mount");
+    let first = mount.join("..2026_a");
+    std::fs::create_dir_all(&first).unwrap();
+    std::fs::copy(&ca, first.join("ca.crt")).unwrap();
+    symlink("..2026_a", mount.join("..data")).unwrap();
+    symlink("..data/ca.crt", mount.join("ca.crt")).unwrap();
+
+    let peer = Peer::tls(server).await;
+    let options = options(&[&peer]).with_tls(TlsSettings {
+        ca: Some(mount.join("ca.crt")),
+        ..Default::default()
+    });
+    let (client, _messages) = Client::start(&options, vec![]).unwrap();
+    let mut state = client.state();
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+
+    // The renewed secret: a new directory, then an atomic swap of `..data`.
+    let second = mount.join("..2026_b");
+    std::fs::create_dir_all(&second).unwrap();
+    let mut pem = std::fs::read_to_string(&ca).unwrap();
+    pem.push('\n');
+    std::fs::write(second.join("ca.crt"), pem).unwrap();
+    symlink("..2026_b", mount.join("..data_tmp")).unwrap();
+    std::fs::rename(mount.join("..data_tmp"), mount.join("..data")).unwrap();
+    let swapped = std::time::Instant::now();
+
+    state_where(&mut state, |s| *s == ConnectionState::Connecting).await;
+    assert_eq!(conn.rest().await, [], "the old connection just closes");
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+    println!(
+        "..data swap picked up {:?} after it happened",
+        swapped.elapsed()
+    );
+    shut_down(client, &mut conn).await;
+}

@@ -16,7 +16,8 @@ pub use address::{redacted, BrokerAddress, Transport};
 use crate::options::{
     brokers, max_packet_range, IdentityFiles, Names, Options, Secret, TlsSettings,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_PACKET_SIZE, DEFAULT_OUTBOX_LIMIT,
-    DEFAULT_QOS, KEEP_ALIVE_RANGE, MQTT_MAX_PACKET_SIZE, OUTBOX_RANGE,
+    DEFAULT_QOS, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN, KEEP_ALIVE_RANGE,
+    MQTT_MAX_PACKET_SIZE, OUTBOX_RANGE,
 };
 use crate::ConfigError;
 
@@ -131,6 +132,9 @@ pub const VARIABLES: &[&str] = &[
     "MQTT_KEEP_ALIVE",
     "MQTT_MAX_PACKET_SIZE",
     "MQTT_OUTBOX_LIMIT",
+    "MQTT_PERSISTENT_SESSION",
+    "MQTT_RECONNECT_MIN",
+    "MQTT_RECONNECT_MAX",
 ];
 
 /// The variables as found, every one optional; envy maps `<P>_MQTT_ADDRESS` to
@@ -155,6 +159,9 @@ struct RawEnv {
     mqtt_keep_alive: Option<String>,
     mqtt_max_packet_size: Option<String>,
     mqtt_outbox_limit: Option<String>,
+    mqtt_persistent_session: Option<String>,
+    mqtt_reconnect_min: Option<String>,
+    mqtt_reconnect_max: Option<String>,
 }
 
 const DEFAULT_ADDRESS: &str = "tcp://localhost:1883";
@@ -301,8 +308,29 @@ impl Parser {
                 },
             )?
             .unwrap_or(DEFAULT_OUTBOX_LIMIT);
+        let persistent_session = self
+            .value(
+                "MQTT_PERSISTENT_SESSION",
+                raw.mqtt_persistent_session.as_deref(),
+                value::boolean,
+            )?
+            .unwrap_or(false);
+        let reconnect_min = self
+            .value(
+                "MQTT_RECONNECT_MIN",
+                raw.mqtt_reconnect_min.as_deref(),
+                value::positive_duration,
+            )?
+            .unwrap_or(DEFAULT_RECONNECT_MIN);
+        let reconnect_max = self
+            .value(
+                "MQTT_RECONNECT_MAX",
+                raw.mqtt_reconnect_max.as_deref(),
+                value::positive_duration,
+            )?
+            .unwrap_or(DEFAULT_RECONNECT_MAX);
 
-        Ok(Options {
+        let options = Options {
             brokers,
             tls,
             client_id,
@@ -314,7 +342,22 @@ impl Parser {
             outbox_limit,
             last_will: None,
             names: self.names.clone(),
-        })
+            persistent_session,
+            reconnect_min,
+            reconnect_max,
+        };
+        if reconnect_min > reconnect_max {
+            let text = raw.mqtt_reconnect_max.as_deref().unwrap_or("60s");
+            return Err(self.invalid(
+                "MQTT_RECONNECT_MAX",
+                text,
+                &format!(
+                    "it must be at least {} ({reconnect_min:?}): raise it, or lower that",
+                    self.names.var("MQTT_RECONNECT_MIN")
+                ),
+            ));
+        }
+        Ok(options)
     }
 
     fn tls(

@@ -43,6 +43,20 @@ fn defaults_follow_upstream() {
     assert_eq!(config.keep_alive, Duration::from_secs(30));
     assert_eq!(config.max_packet_size, 10 << 20);
     assert_eq!(config.names.var("MQTT_QOS"), "PROPLET_MQTT_QOS");
+    assert!(!config.persistent_session);
+    let persistent = parse(&[("PROPLET_MQTT_PERSISTENT_SESSION", "true")]).unwrap();
+    assert!(persistent.persistent_session);
+    assert_eq!(config.reconnect_min, Duration::from_secs(1));
+    assert_eq!(config.reconnect_max, Duration::from_secs(60));
+    let tuned = parse(&[
+        ("PROPLET_MQTT_RECONNECT_MIN", "2s"),
+        ("PROPLET_MQTT_RECONNECT_MAX", "5m"),
+    ])
+    .unwrap();
+    assert_eq!(
+        (tuned.reconnect_min, tuned.reconnect_max),
+        (Duration::from_secs(2), Duration::from_secs(300))
+    );
 }
 
 #[test]
@@ -120,6 +134,14 @@ fn each_bad_value_names_its_variable_and_the_fix() {
         ("PROPLET_MQTT_MAX_PACKET_SIZE", "300MiB", "MQTT's limit"),
         ("PROPLET_CLIENT_ID", " x", "whitespace"),
         ("PROPLET_MQTT_OUTBOX_LIMIT", "0", "at least 1"),
+        ("PROPLET_MQTT_PERSISTENT_SESSION", "yes", "true or false"),
+        ("PROPLET_MQTT_RECONNECT_MIN", "0s", "more than zero"),
+        ("PROPLET_MQTT_RECONNECT_MAX", "soon", "30s"),
+        (
+            "PROPLET_MQTT_RECONNECT_MAX",
+            "500ms",
+            "at least PROPLET_MQTT_RECONNECT_MIN",
+        ),
         ("PROPLET_MQTT_ADDRESS", "tcp://a,ssl://b", "mixes plain"),
         ("PROPLET_MQTT_ADDRESS", "tcp://a,", "empty entry"),
     ] {
