@@ -29,17 +29,16 @@ pub(super) async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     let started = Instant::now();
     // One write: Magistrala's edge parses CONNECT from the first chunk it sees.
     if let Err(e) = write(&mut stream, &packet).await {
-        let failure =
-            Failure::from_io(&e, config.mqtt.mode()).unwrap_or(Failure::ClosedBeforeConnAck);
+        let failure = Failure::from_io(&e, config.mqtt.mode())
+            .unwrap_or(Failure::closed_before_connack(config.mqtt.mode()));
         return Err(c.failure("mqtt", &failure));
     }
     let read = tokio::time::timeout(config.mqtt.connect_timeout, read_packet(&mut stream)).await;
     let failure = match read {
         Err(_) => Failure::Timeout,
-        Ok(Err(Answer::Io(e))) => {
-            Failure::from_io(&e, config.mqtt.mode()).unwrap_or(Failure::ClosedBeforeConnAck)
-        }
-        Ok(Err(Answer::Closed)) => Failure::ClosedBeforeConnAck,
+        Ok(Err(Answer::Io(e))) => Failure::from_io(&e, config.mqtt.mode())
+            .unwrap_or(Failure::closed_before_connack(config.mqtt.mode())),
+        Ok(Err(Answer::Closed)) => Failure::closed_before_connack(config.mqtt.mode()),
         Ok(Err(Answer::NotMqtt(e))) => Failure::Refused(format!(
             "the broker answered CONNECT with something that is not MQTT ({e:?})"
         )),

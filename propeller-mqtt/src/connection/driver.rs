@@ -5,14 +5,14 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, Outgoing,
-    SubscribeReasonCode, TlsConfiguration, Transport,
+    SubscribeReasonCode,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::backoff::Backoff;
 use super::failure::Failure;
-use super::{lock, probe, socket, Command, ConnectionState, Message, Shared};
+use super::{lock, probe, transport, Command, ConnectionState, Message, Shared};
 use crate::env::BrokerAddress;
 use crate::tls::{self, TlsSetup, Trust};
 use crate::Options;
@@ -41,13 +41,9 @@ pub(crate) fn mqtt_options(
             false,
         ));
     }
-    if let Some(tls) = tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.client_config.clone(),
-        )));
-    }
-    // Our own TCP stream, on every (re)connect: quick acknowledgements.
-    options.set_socket_connector(|address, _| socket::connect(address));
+    // Our own stream, on every (re)connect: TCP with quick acknowledgements,
+    // the proxy's tunnel, TLS with our SNI, WebSocket (see `transport`).
+    transport::install(&mut options, config, broker, tls);
     options
 }
 
@@ -398,14 +394,7 @@ async fn diagnose(
     broker: usize,
     tls: Option<&TlsSetup>,
 ) -> Failure {
-    match (&failure, tls) {
-        (Failure::ClosedBeforeConnAck, Some(tls)) => {
-            probe::tls_refusal(&config.brokers[broker], tls, config.mode())
-                .await
-                .unwrap_or(failure)
-        }
-        _ => failure,
-    }
+    probe::diagnose(failure, config, broker, tls).await
 }
 
 /// What woke the driver.

@@ -8,8 +8,11 @@ mod driver;
 mod failure;
 mod outbox;
 mod probe;
+mod proxy;
 mod socket;
 mod subscriptions;
+mod transport;
+mod websocket;
 
 use std::future::Future;
 use std::pin::pin;
@@ -29,6 +32,9 @@ pub use failure::Failure;
 /// connection one step at a time (`propeller-mqtt check`).
 pub mod diagnose {
     pub use super::probe::{verdict, VERDICT_WAIT};
+    pub use super::proxy::{tunnel, Opened, Tunnel};
+    pub use super::transport::{alpn_names, handshake, Route, TlsRoute, TransportError};
+    pub use super::websocket::{upgrade, Upgraded, WebSocketRoute, WebSocketStream};
 }
 
 use crate::{ClientError, ConfigError, Options};
