@@ -319,24 +319,35 @@ async fn websocket_refusals_are_named() {
     assert!(failure.fix(&names()).contains("tcp:// or ssl://"));
 }
 
-/// `ws://` straight to the bridge, the plain mode of MQTT over WebSocket.
+/// MQTT over WebSocket without upstream's location: `ws://` straight to the
+/// bridge (plain), the same through tinyproxy, and `wss://` in MQTTS mode
+/// through a TLS edge (the `AUTH=key` stream edge) in front of the bridge.
 #[test]
-fn ws_plain_to_the_bridge() {
-    if !transport_available("ws_plain_to_the_bridge") {
+fn ws_and_wss_to_the_bridge() {
+    if !transport_available("ws_and_wss_to_the_bridge") {
         return;
     }
     let lab = Lab::start();
     let bridge = Websockify::start(lab.broker.plain);
+    let ws = format!("ws://127.0.0.1:{}/mqtt", bridge.port);
     let (mut env, _) = lab.env();
-    env.set(
-        "MQTT_ADDRESS",
-        &format!("ws://127.0.0.1:{}/mqtt", bridge.port),
+    env.set("MQTT_ADDRESS", &ws);
+    proplet_connects(&env, "plain", &ws);
+
+    let proxy = Tinyproxy::start(&ProxyRules::default());
+    env.set("MQTT_PROXY", &proxy.url(None));
+    proplet_connects(&env, "plain", &ws);
+    assert!(
+        proxy.log().contains(&format!("127.0.0.1:{}", bridge.port)),
+        "{}",
+        proxy.log()
     );
-    proplet_connects(
-        &env,
-        "plain",
-        &format!("ws://127.0.0.1:{}/mqtt", bridge.port),
-    );
+
+    let tls_edge = Edge::start_key(lab.pki, bridge.port, "server");
+    let wss = format!("wss://127.0.0.1:{}/mqtt", tls_edge.port);
+    let (mut env, _) = lab.env();
+    env.tls(tls_edge.port, lab.pki).set("MQTT_ADDRESS", &wss);
+    proplet_connects(&env, "tls", &wss);
 }
 
 // ---------------------------------------------------------------------------

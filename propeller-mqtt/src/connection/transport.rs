@@ -408,3 +408,128 @@ fn websocket_failure(error: &tungstenite::Error, path: &str, mode: Mode) -> Fail
         other => Failure::WebSocketProtocol(proxy::printable(&other.to_string(), 200)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Secret, TlsSettings};
+
+    fn options(address: &str, server_name: Option<&str>) -> Options {
+        let options = Options::new(address, "proplet-1", Secret::new("k")).unwrap();
+        match options.tls {
+            Some(_) => options.with_tls(TlsSettings {
+                server_name: server_name.map(str::to_owned),
+                ..TlsSettings::default()
+            }),
+            None => options,
+        }
+    }
+
+    /// The TCP connection goes to the address; the SNI and the upgrade's
+    /// Host name what the edge knows, with the port only when it is not the
+    /// scheme's default.
+    #[test]
+    fn the_route_dials_the_address_and_names_the_server_name() {
+        for (address, server_name, host_header) in [
+            (
+                "wss://10.0.0.5/mqtt",
+                Some("edge.example.com"),
+                "edge.example.com",
+            ),
+            (
+                "wss://10.0.0.5:8443/mqtt",
+                Some("edge.example.com"),
+                "edge.example.com:8443",
+            ),
+            ("wss://10.0.0.5/mqtt", None, "10.0.0.5"),
+            ("ws://[::1]:8080/ws", None, "[::1]:8080"),
+            ("ws://[::1]/mqtt", None, "[::1]"),
+        ] {
+            let options = options(address, server_name);
+            let route = Route::new(&options, &options.brokers[0], None);
+            let ws = route.websocket.as_ref().unwrap();
+            assert_eq!(ws.authority, host_header, "{address}");
+            assert_eq!(ws.secure, address.starts_with("wss"), "{address}");
+            let broker = &options.brokers[0];
+            assert_eq!(route.target(), authority(&broker.host, broker.port));
+            assert_eq!(
+                options.tls_server_name(&options.brokers[0]),
+                server_name.unwrap_or(&options.brokers[0].host)
+            );
+        }
+        let options = options("ssl://10.0.0.5:8883", Some("edge"));
+        let route = Route::new(&options, &options.brokers[0], None);
+        assert_eq!(
+            (route.target().as_str(), route.websocket),
+            ("10.0.0.5:8883", None)
+        );
+    }
+
+    /// What each step's error is called, without a server.
+    #[test]
+    fn step_errors_are_classified() {
+        let tls = |source: io::Error| TransportError::Tls {
+            source,
+            server_name: "edge".into(),
+            alpn: vec!["mqtt".into()],
+        };
+        let eof = tls(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "tls handshake eof",
+        ));
+        assert_eq!(
+            eof.failure(Mode::Tls),
+            Some(Failure::ClosedDuringTlsHandshake {
+                server_name: "edge".into(),
+                alpn: vec!["mqtt".into()],
+                client_certificate: false,
+            })
+        );
+        let alert = tls(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::NoApplicationProtocol),
+        ));
+        assert_eq!(
+            alert.failure(Mode::MutualTls),
+            Some(Failure::NoApplicationProtocol {
+                offered: vec!["mqtt".into()]
+            })
+        );
+        // Certificate errors are left to the usual classification.
+        let untrusted = tls(io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        assert_eq!(untrusted.failure(Mode::Tls), None);
+        let wrapped =
+            rumqttc::ConnectionError::Io(io::Error::new(io::ErrorKind::InvalidData, untrusted));
+        assert_eq!(
+            Failure::classify(&wrapped, false, Mode::Tls),
+            Failure::BrokerUntrusted
+        );
+
+        let response = tungstenite::http::Response::builder()
+            .status(403)
+            .body(None)
+            .unwrap();
+        let refused = TransportError::WebSocket {
+            source: Box::new(tungstenite::Error::Http(response)),
+            path: "/mqtt".into(),
+        };
+        let wrapped = rumqttc::ConnectionError::Io(io::Error::other(refused));
+        let failure = Failure::classify(&wrapped, false, Mode::Tls);
+        assert_eq!(
+            failure,
+            Failure::WebSocketRefused {
+                status: 403,
+                reason: "Forbidden".into(),
+                path: "/mqtt".into(),
+                client_certificate: false,
+            }
+        );
+        assert_eq!(
+            failure.to_string(),
+            "the WebSocket upgrade at /mqtt was refused: 403 Forbidden"
+        );
+    }
+}
