@@ -87,7 +87,7 @@ pub enum ConfigError {
     },
 
     /// TLS variables are set but the address would connect in plaintext.
-    #[error("{vars} set, but {address_var}={address:?} is plain MQTT: use an ssl:// address for TLS, or unset the TLS variables (we never fall back to plaintext)")]
+    #[error("{vars} set, but {address_var}={address:?} is plain MQTT: use an ssl:// (or wss://) address for TLS, or unset the TLS variables (we never fall back to plaintext)")]
     TlsWithPlainAddress {
         /// The TLS variables that are set, comma separated.
         vars: String,

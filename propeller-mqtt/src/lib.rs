@@ -10,6 +10,11 @@
 //! | TLS (MQTTS) | `ssl://host:8883` | a CA (or the OS trust store) |
 //! | mutual TLS | `ssl://host:8883` | a CA, a client certificate and its key |
 //!
+//! `ws://host/path` and `wss://host/path` carry MQTT over WebSocket in the
+//! same modes; any of them may go through an HTTP proxy (`CONNECT`), and
+//! TLS sends the configured server name as SNI and the configured ALPN
+//! protocols.
+//!
 //! Everything that can be checked before connecting is checked before
 //! connecting ([`ConfigError`]); connection failures are retried with backoff
 //! and explained ([`Failure`]); a running client refuses what it cannot
@@ -53,9 +58,9 @@ pub use connection::{
 };
 pub use error::{one_line, ClientError, ConfigError};
 pub use options::{
-    IdentityFiles, LastWill, Mode, Names, Options, Secret, TlsSettings, DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_KEEP_ALIVE, DEFAULT_MAX_PACKET_SIZE, DEFAULT_OUTBOX_LIMIT, DEFAULT_QOS,
-    DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
+    HttpProxy, IdentityFiles, LastWill, Mode, Names, Options, ProxyCredentials, Secret,
+    TlsSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_PACKET_SIZE,
+    DEFAULT_OUTBOX_LIMIT, DEFAULT_QOS, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
 };
 pub use rumqttc::QoS;
 pub use warning::Warning;

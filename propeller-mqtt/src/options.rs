@@ -67,6 +67,9 @@ pub struct TlsSettings {
     pub server_name: Option<String>,
     /// Accept any broker certificate. Upstream's escape hatch; warned about at every connect.
     pub insecure_skip_verify: bool,
+    /// The application protocols offered in the handshake (ALPN), in order
+    /// of preference; empty offers none.
+    pub alpn: Vec<String>,
 }
 
 /// The client certificate and key files of mTLS.
@@ -88,6 +91,180 @@ pub struct LastWill {
     pub topic: String,
     /// The payload.
     pub payload: bytes::Bytes,
+}
+
+/// An HTTP proxy that opens a tunnel to the broker (`CONNECT host:port`):
+/// `http://[user:password@]host:port`. Every scheme goes through it; TLS and
+/// WebSocket run inside the tunnel, end to end with the broker.
+///
+/// The user and password are secrets: `Debug` and `Display` never show them.
+///
+/// ```
+/// use propeller_mqtt::HttpProxy;
+///
+/// let proxy = HttpProxy::parse("http://ops:s%40fe@proxy.lan:3128")?;
+/// assert_eq!((proxy.host.as_str(), proxy.port), ("proxy.lan", 3128));
+/// assert_eq!(proxy.to_string(), "http://<redacted>@proxy.lan:3128");
+/// # Ok::<(), String>(())
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct HttpProxy {
+    /// Host name or IP address, IPv6 without brackets.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Sent as `Proxy-Authorization: Basic`.
+    pub credentials: Option<ProxyCredentials>,
+}
+
+/// The user and password of an [`HttpProxy`], percent-decoded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyCredentials {
+    /// The user name.
+    pub user: Secret,
+    /// The password.
+    pub password: Secret,
+}
+
+impl HttpProxy {
+    /// A proxy without credentials.
+    pub fn new(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            credentials: None,
+        }
+    }
+
+    /// Parses `http://[user[:password]@]host:port`, with `%`-escapes in the
+    /// user and password.
+    ///
+    /// # Errors
+    ///
+    /// The problem in words, with the accepted form; never the credentials.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return Err("missing scheme: write http://host:port".to_owned());
+        };
+        match scheme.to_ascii_lowercase().as_str() {
+            "http" => {}
+            "https" => {
+                return Err("a TLS connection to the proxy itself is not supported: write http://host:port (TLS to the broker still runs end to end inside the tunnel)".to_owned())
+            }
+            _ => {
+                return Err(format!(
+                    "unknown scheme {:?}: only HTTP proxies (CONNECT) are supported, write http://host:port",
+                    scheme.chars().take(16).collect::<String>()
+                ))
+            }
+        }
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (userinfo, authority) = match rest.rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
+        };
+        if authority.contains(['/', '?', '#']) {
+            return Err("write only http://[user:password@]host:port, without a path".to_owned());
+        }
+        let (host, port) = crate::env::split_host_port(authority)?;
+        if host.is_empty() {
+            return Err("the host is empty: write http://host:port".to_owned());
+        }
+        crate::env::check_host(host)?;
+        let port = match port {
+            None => {
+                return Err(
+                    "the port is missing: write http://host:port (proxies often listen on 3128 or 8080)"
+                        .to_owned(),
+                )
+            }
+            Some(port) => match port.parse::<u16>() {
+                Ok(port) if port != 0 => port,
+                _ => return Err(format!("port {port:?} is not a number from 1 to 65535")),
+            },
+        };
+        let credentials = match userinfo {
+            None => None,
+            Some(userinfo) => {
+                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                let user = percent_decode(user)?;
+                if user.is_empty() {
+                    return Err(
+                        "the user before '@' is empty: write http://user:password@host:port"
+                            .to_owned(),
+                    );
+                }
+                Some(ProxyCredentials {
+                    user: Secret::new(user),
+                    password: Secret::new(percent_decode(password)?),
+                })
+            }
+        };
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            credentials,
+        })
+    }
+
+    /// `host:port`, IPv6 in brackets: what a socket address or a `Host` header wants.
+    pub fn authority(&self) -> String {
+        authority(&self.host, self.port)
+    }
+}
+
+/// `host:port`, with an IPv6 host in brackets.
+pub(crate) fn authority(host: &str, port: u16) -> String {
+    match host.contains(':') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    }
+}
+
+/// Decodes `%XX` escapes (of the user and password in a proxy URL).
+fn percent_decode(text: &str) -> Result<String, String> {
+    let bad = || {
+        "the user or password has a '%' that is not followed by two hex digits: write %25 for '%'"
+            .to_owned()
+    };
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .map_err(|_| "the user or password is not UTF-8 once %-decoded".to_owned())
+}
+
+impl fmt::Display for HttpProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let credentials = match self.credentials {
+            Some(_) => "<redacted>@",
+            None => "",
+        };
+        write!(f, "http://{credentials}{}", self.authority())
+    }
+}
+
+impl fmt::Debug for HttpProxy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HttpProxy({self})")
+    }
+}
+
+impl fmt::Debug for ProxyCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ProxyCredentials(***)")
+    }
 }
 
 /// The names that errors, warnings and advice give each setting: the
@@ -177,6 +354,8 @@ pub struct Options {
     pub reconnect_min: Duration,
     /// See `reconnect_min`.
     pub reconnect_max: Duration,
+    /// The HTTP proxy every connection goes through; `None` connects directly.
+    pub proxy: Option<HttpProxy>,
 }
 
 impl Options {
@@ -214,6 +393,7 @@ impl Options {
             persistent_session: false,
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
+            proxy: None,
         })
     }
 
@@ -276,6 +456,21 @@ impl Options {
         self.reconnect_min = min;
         self.reconnect_max = max;
         self
+    }
+
+    /// Connect through an HTTP proxy (`CONNECT`), whatever the scheme.
+    pub fn with_proxy(mut self, proxy: HttpProxy) -> Self {
+        self.proxy = Some(proxy);
+        self
+    }
+
+    /// The name sent as SNI and verified in the broker's certificate for
+    /// `broker`: `TlsSettings::server_name` when set, else the address host.
+    pub fn tls_server_name(&self, broker: &BrokerAddress) -> String {
+        self.tls
+            .as_ref()
+            .and_then(|tls| tls.server_name.clone())
+            .unwrap_or_else(|| broker.host.clone())
     }
 
     /// Plain, TLS or mutual TLS.
@@ -368,6 +563,20 @@ impl Options {
                 fix: "name at least one broker",
             });
         }
+        if let Some(proxy) = &self.proxy {
+            if proxy.host.is_empty() || proxy.port == 0 {
+                return Err(invalid(
+                    "MQTT_PROXY",
+                    proxy.to_string(),
+                    "write http://[user:password@]host:port",
+                ));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            if let Err(problem) = check_alpn(&tls.alpn) {
+                return Err(invalid("MQTT_TLS_ALPN", tls.alpn.join(","), &problem));
+            }
+        }
         if self.tls.is_some() && self.brokers[0].transport == Transport::Tcp {
             return Err(ConfigError::TlsWithPlainAddress {
                 vars: "TLS settings are".to_owned(),
@@ -381,6 +590,20 @@ impl Options {
 
 pub(crate) const KEEP_ALIVE_RANGE: &str = "keep-alive must be whole seconds from 1s to 65535s";
 pub(crate) const OUTBOX_RANGE: &str = "write a number of messages, at least 1, such as 10000";
+
+/// ALPN protocol ids: 1 to 255 bytes each (RFC 7301), visible ASCII without
+/// commas (the list separator).
+pub(crate) fn check_alpn(protocols: &[String]) -> Result<(), String> {
+    for protocol in protocols {
+        if protocol.is_empty() || protocol.len() > 255 {
+            return Err("each protocol must be 1 to 255 characters: write a comma-separated list such as mqtt or x-amzn-mqtt-ca,mqtt".to_owned());
+        }
+        if !protocol.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+            return Err("protocols are visible ASCII without spaces: write a comma-separated list such as mqtt or x-amzn-mqtt-ca,mqtt".to_owned());
+        }
+    }
+    Ok(())
+}
 
 pub(crate) fn max_packet_range() -> String {
     format!("the size must be from 128 bytes to {MQTT_MAX_PACKET_SIZE} (MQTT's limit)")
@@ -406,7 +629,7 @@ pub(crate) fn brokers(text: &str, names: &Names) -> Result<Vec<BrokerAddress>, C
         .collect::<Result<Vec<_>, _>>()?;
     if brokers.iter().any(|b| b.transport != brokers[0].transport) {
         return Err(invalid(
-            "the list mixes plain (tcp://) and TLS (ssl://) addresses: use one mode for every broker",
+            "the list mixes plain (tcp://, ws://) and TLS (ssl://, wss://) addresses: use one mode for every broker",
         ));
     }
     Ok(brokers)

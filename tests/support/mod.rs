@@ -9,8 +9,11 @@
 //! ```
 //!
 //! Without them the tests print that they were skipped and how to install;
-//! under CI (`CI` set) a missing tool is a failure.
+//! under CI (`CI` set) a missing tool is a failure. `tests/transport.rs`
+//! also needs tinyproxy, websockify and nginx's http njs module
+//! ([`bridges::INSTALL_TRANSPORT`]).
 
+pub mod bridges;
 pub mod children;
 pub mod http;
 pub mod lab;

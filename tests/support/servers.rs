@@ -318,7 +318,7 @@ impl Drop for Edge {
 }
 
 /// nginx with `config`, its logs in `dir`, once it listens on `port`.
-fn start_nginx(dir: &Path, config: &Path, port: u16) -> Child {
+pub(crate) fn start_nginx(dir: &Path, config: &Path, port: u16) -> Child {
     let error_log = dir.join("error.log");
     let mut command = children::command("nginx");
     command
@@ -344,7 +344,7 @@ fn dynsec_plugin() -> PathBuf {
 }
 
 /// Debian puts dynamic modules here; `NGINX_MODULES` overrides.
-fn modules_dir() -> PathBuf {
+pub(crate) fn modules_dir() -> PathBuf {
     std::env::var_os("NGINX_MODULES")
         .map_or_else(|| PathBuf::from("/usr/lib/nginx/modules"), PathBuf::from)
 }
@@ -360,7 +360,7 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
 
 /// Waits (at most 10 s) until every port accepts, and checks that the
 /// server listens on each; or fails with the server's log.
-fn wait_ports(child: &mut Child, ports: &[u16], log: &Path, what: &str) {
+pub(crate) fn wait_ports(child: &mut Child, ports: &[u16], log: &Path, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     for &port in ports {
         let address = SocketAddr::from(([127, 0, 0, 1], port));

@@ -1,6 +1,8 @@
 //! `propeller-mqtt check`: reads exactly what a service would read, then walks
-//! the connection one step at a time (config, CA, client certificate, DNS,
-//! TCP, TLS, MQTT) and explains the first thing that breaks.
+//! the connection one step at a time (config, CA, client certificate, then
+//! for each broker address: DNS, TCP, the proxy's tunnel, TLS with its SNI
+//! and ALPN, the WebSocket upgrade, MQTT) and explains the first thing that
+//! breaks, at each address.
 
 mod describe;
 mod mqtt;
@@ -12,13 +14,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use rustls::pki_types::ServerName;
 use serde_json::json;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use propeller_mqtt::diagnose as probe;
+use propeller_mqtt::diagnose::{self as probe, Route};
+use propeller_mqtt::env::BrokerAddress;
 use propeller_mqtt::tls::{self, Parts, Trust};
 use propeller_mqtt::{one_line, Failure, Mode, Names};
 use propeller_protocol::{Service, ServiceConfig};
@@ -45,6 +46,9 @@ pub struct Step {
     pub detail: String,
     /// What to do, for warnings and failures.
     pub fix: Option<String>,
+    /// The broker address this step is about, when `P_MQTT_ADDRESS` lists
+    /// several (each gets its own section); `None` for the common steps.
+    pub address: Option<String>,
 }
 
 /// The outcome of checking one service.
@@ -52,8 +56,11 @@ pub struct Step {
 pub struct Report {
     /// The service checked.
     pub service: Service,
-    /// The steps, in order; the last is the failure if there is one.
+    /// The steps, in order. A failure ends the walk, or, in the section of
+    /// one address of a list, that section.
     pub steps: Vec<Step>,
+    /// How many addresses were walked (a list has several sections).
+    pub addresses: usize,
 }
 
 impl Report {
@@ -62,10 +69,28 @@ impl Report {
         self.steps.iter().all(|step| step.status != Status::Fail)
     }
 
-    /// One line per step, `ok` / `warn` / `FAIL`, fixes indented below.
+    /// The addresses whose section has a failure.
+    fn failed_addresses(&self) -> usize {
+        let mut failed: Vec<&str> = self
+            .steps
+            .iter()
+            .filter(|step| step.status == Status::Fail)
+            .filter_map(|step| step.address.as_deref())
+            .collect();
+        failed.dedup();
+        failed.len()
+    }
+
+    /// One line per step, `ok` / `warn` / `FAIL`, fixes indented below; a
+    /// header before the steps of each address of a list.
     pub fn text(&self) -> String {
         let mut text = format!("propeller-mqtt check: {}\n", self.service);
+        let mut section: Option<&str> = None;
         for step in &self.steps {
+            if self.addresses > 1 && step.address.is_some() && step.address.as_deref() != section {
+                section = step.address.as_deref();
+                let _ = writeln!(text, "  -- {}", section.unwrap_or(""));
+            }
             let status = match step.status {
                 Status::Ok => "ok",
                 Status::Warn => "warn",
@@ -76,9 +101,16 @@ impl Report {
                 let _ = writeln!(text, "  {:<4}  {:<12} fix: {fix}", "", "");
             }
         }
-        let verdict = match self.passed() {
-            true => "every check passed",
-            false => "stopped at the first failure",
+        let verdict = match (self.passed(), self.addresses) {
+            (true, 0 | 1) => "every check passed".to_owned(),
+            (true, n) => format!("every check passed, at each of the {n} addresses"),
+            (false, 0 | 1) => "stopped at the first failure".to_owned(),
+            (false, n) => match self.failed_addresses() {
+                0 => "stopped at the first failure".to_owned(),
+                failed => format!(
+                    "{failed} of the {n} addresses failed (each stops at its first failure)"
+                ),
+            },
         };
         let _ = writeln!(text, "{}: {verdict}", self.service);
         text
@@ -95,10 +127,16 @@ impl Report {
                     "status": match step.status { Status::Ok => "ok", Status::Warn => "warn", Status::Fail => "fail" },
                     "detail": step.detail,
                     "fix": step.fix,
+                    "address": step.address,
                 })
             })
             .collect();
-        json!({ "service": self.service.to_string(), "passed": self.passed(), "steps": steps })
+        json!({
+            "service": self.service.to_string(),
+            "passed": self.passed(),
+            "addresses": self.addresses,
+            "steps": steps,
+        })
     }
 }
 
@@ -108,6 +146,8 @@ struct Stop;
 /// Builds a [`Report`] step by step.
 struct Checker {
     report: Report,
+    /// The address whose section is being walked.
+    section: Option<String>,
 }
 
 impl Checker {
@@ -135,6 +175,7 @@ impl Checker {
             status,
             detail,
             fix,
+            address: self.section.clone(),
         });
     }
 }
@@ -146,7 +187,9 @@ pub async fn run(service: Service, vars: Vec<(String, String)>) -> Report {
         report: Report {
             service,
             steps: Vec::new(),
+            addresses: 0,
         },
+        section: None,
     };
     let _ = walk(&mut checker, service, vars).await;
     checker.report
@@ -162,18 +205,44 @@ async fn walk(
         .map_err(|e| c.fail("config", one_line(&e), None))?;
     let config = ServiceConfig::from_vars(service, vars)
         .map_err(|e| c.fail("config", one_line(&e), None))?;
-    let broker = &config.mqtt.brokers[0];
+    let brokers = &config.mqtt.brokers;
     let address_var = service.var("MQTT_ADDRESS");
-    let others = match config.mqtt.brokers.len() {
+    let list: Vec<String> = brokers.iter().map(ToString::to_string).collect();
+    let others = match brokers.len() {
         1 => String::new(),
-        n => format!(" (first of {n}; the others are tried when it fails)"),
+        n => format!(" ({n} addresses, tried in turn; each is checked below)"),
     };
-    c.ok("address", format!("{broker}{others}"));
+    let via = match &config.mqtt.proxy {
+        Some(proxy) => format!(", through the HTTP proxy {proxy}"),
+        None => String::new(),
+    };
+    c.ok("address", format!("{}{others}{via}", list.join(", ")));
+    // "is ssl://", "is wss://", or "mixes ssl:// and wss://".
+    let schemes = |tls: bool| {
+        let websocket = brokers.iter().any(|b| b.websocket.is_some());
+        let stream = brokers.iter().any(|b| b.websocket.is_none());
+        let (stream_scheme, websocket_scheme) = match tls {
+            false => ("tcp://", "ws://"),
+            true => ("ssl://", "wss://"),
+        };
+        match (stream, websocket) {
+            (true, true) => format!("mixes {stream_scheme} and {websocket_scheme}"),
+            (false, true) => format!("is {websocket_scheme}"),
+            _ => format!("is {stream_scheme}"),
+        }
+    };
     let why = match config.mqtt.mode() {
-        Mode::Plain => format!("{address_var} is tcp:// and no TLS variable is set"),
-        Mode::Tls => format!("{address_var} is ssl:// without a client certificate"),
+        Mode::Plain => format!(
+            "{address_var} {} and no TLS variable is set",
+            schemes(false)
+        ),
+        Mode::Tls => format!(
+            "{address_var} {} without a client certificate",
+            schemes(true)
+        ),
         Mode::MutualTls => format!(
-            "{address_var} is ssl:// with {} and {}",
+            "{address_var} {} with {} and {}",
+            schemes(true),
             service.var("MQTT_TLS_CLIENT_CERT"),
             service.var("MQTT_TLS_CLIENT_KEY")
         ),
@@ -186,62 +255,191 @@ async fn walk(
         None => None,
     };
 
-    // 4. DNS and TCP.
-    let timeout = config.mqtt.connect_timeout;
-    let started = Instant::now();
-    let resolved: Vec<SocketAddr> = match tokio::time::timeout(
-        timeout,
-        tokio::net::lookup_host((broker.host.as_str(), broker.port)),
-    )
-    .await
-    {
-        Ok(Ok(addresses)) => addresses.collect(),
-        Ok(Err(e)) => {
-            return Err(c.failure(
-                "dns",
-                &Failure::Unreachable(
-                    io::Error::new(e.kind(), format!("cannot resolve {}: {e}", broker.host)).into(),
-                ),
-            ))
+    // 4 to 9, for each address: DNS, TCP, the proxy's tunnel, TLS, the
+    // WebSocket upgrade, MQTT. A failure ends that address's section.
+    c.report.addresses = brokers.len();
+    for (index, broker) in brokers.iter().enumerate() {
+        if brokers.len() > 1 {
+            c.section = Some(format!(
+                "address {} of {}: {broker}",
+                index + 1,
+                brokers.len()
+            ));
         }
-        Err(_) => return Err(c.failure("dns", &Failure::Timeout)),
+        let _ = walk_address(c, &config, broker, parts.as_ref()).await;
+    }
+    c.section = None;
+    Ok(())
+}
+
+/// The stream as it is built, step by step.
+type Stream = Box<dyn rumqttc::AsyncReadWrite>;
+
+/// Steps 4 to 9 for one broker address.
+async fn walk_address(
+    c: &mut Checker,
+    config: &ServiceConfig,
+    broker: &BrokerAddress,
+    parts: Option<&Parts>,
+) -> Result<(), Stop> {
+    let mode = config.mqtt.mode();
+    let timeout = config.mqtt.connect_timeout;
+    let route = Route::new(&config.mqtt, broker, None);
+    let proxy = config.mqtt.proxy.as_ref();
+
+    // 4. DNS: the broker's name, or the proxy's (the proxy resolves the broker's).
+    let (host, port) = match proxy {
+        Some(proxy) => (proxy.host.as_str(), proxy.port),
+        None => (broker.host.as_str(), broker.port),
     };
+    let unreachable = |kind: io::ErrorKind, why: String| match proxy {
+        Some(_) => Failure::ProxyUnreachable(why),
+        None => Failure::Unreachable(io::Error::new(kind, why).into()),
+    };
+    let started = Instant::now();
+    let resolved: Vec<SocketAddr> =
+        match tokio::time::timeout(timeout, tokio::net::lookup_host((host, port))).await {
+            Ok(Ok(addresses)) => addresses.collect(),
+            Ok(Err(e)) => {
+                return Err(c.failure(
+                    "dns",
+                    &unreachable(e.kind(), format!("cannot resolve {host}: {e}")),
+                ))
+            }
+            Err(_) => return Err(c.failure("dns", &Failure::Timeout)),
+        };
     let Some(first) = resolved.first() else {
         return Err(c.failure(
             "dns",
-            &Failure::Unreachable(
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{} resolves to no address", broker.host),
-                )
-                .into(),
+            &unreachable(
+                io::ErrorKind::NotFound,
+                format!("{host} resolves to no address"),
             ),
         ));
     };
     let list: Vec<String> = resolved.iter().map(|a| a.ip().to_string()).collect();
+    let whose = match proxy {
+        Some(_) => format!("proxy {host}"),
+        None => host.to_owned(),
+    };
+    let resolved_by = match proxy {
+        Some(_) if broker.host.parse::<std::net::IpAddr>().is_err() => {
+            format!(" ({} is resolved by the proxy)", broker.host)
+        }
+        _ => String::new(),
+    };
     c.ok(
         "dns",
-        format!("{} -> {} in {}", broker.host, list.join(", "), ms(started)),
+        format!(
+            "{whose} -> {} in {}{resolved_by}",
+            list.join(", "),
+            ms(started)
+        ),
     );
+
+    // 5. TCP.
     let started = Instant::now();
     let tcp = match tokio::time::timeout(timeout, TcpStream::connect(first)).await {
         Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) if proxy.is_some() => {
+            let why = match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    "connection refused: nothing listens there".to_owned()
+                }
+                _ => e.to_string(),
+            };
+            return Err(c.failure("tcp", &Failure::ProxyUnreachable(format!("{first}: {why}"))));
+        }
         Ok(Err(e)) => {
             return Err(c.failure("tcp", &Failure::from_connect_error(e, config.mqtt.mode())))
         }
         Err(_) => return Err(c.failure("tcp", &Failure::Timeout)),
     };
     let _ = tcp.set_nodelay(true);
-    c.ok("tcp", format!("connected to {first} in {}", ms(started)));
+    let to = match proxy {
+        Some(_) => "the proxy at ",
+        None => "",
+    };
+    c.ok(
+        "tcp",
+        format!("connected to {to}{first} in {}", ms(started)),
+    );
 
-    // 5 and 6. TLS, then MQTT.
-    match parts {
-        None => mqtt::connect(c, &config, tcp).await,
-        Some(parts) => {
-            let stream = handshake(c, &config, &parts, tcp).await?;
-            mqtt::connect(c, &config, stream).await
+    // 6. The proxy's tunnel.
+    let stream: Stream = match proxy {
+        None => Box::new(tcp),
+        Some(proxy) => {
+            let started = Instant::now();
+            let target = route.target();
+            match probe::tunnel(tcp, proxy, &target, timeout).await {
+                Ok((tunnel, opened)) => {
+                    let credentials = match proxy.credentials {
+                        Some(_) => ", with credentials",
+                        None => "",
+                    };
+                    c.ok(
+                        "proxy",
+                        format!(
+                            "CONNECT {target}: {} {}{credentials}, in {}",
+                            opened.status,
+                            opened.reason,
+                            ms(started)
+                        ),
+                    );
+                    Box::new(tunnel)
+                }
+                Err(error) => {
+                    let failure = Failure::from_io(&error, mode)
+                        .unwrap_or_else(|| Failure::ProxyProtocol(error.to_string()));
+                    return Err(c.failure("proxy", &failure));
+                }
+            }
         }
-    }
+    };
+
+    // 7. TLS.
+    let stream: Stream = match parts {
+        None => stream,
+        Some(parts) => {
+            let name = config.mqtt.tls_server_name(broker);
+            Box::new(handshake(c, config, parts, &name, stream).await?)
+        }
+    };
+
+    // 8. The WebSocket upgrade.
+    let stream: Stream = match &route.websocket {
+        None => stream,
+        Some(ws) => {
+            let started = Instant::now();
+            match probe::upgrade(stream, ws, config.mqtt.max_packet_size).await {
+                Ok((upgraded, answer)) => {
+                    let server = answer
+                        .server
+                        .map(|s| format!(" (server {s})"))
+                        .unwrap_or_default();
+                    c.ok(
+                        "websocket",
+                        format!(
+                            "GET {} (Host {}): {} Switching Protocols, subprotocol mqtt{server}, in {}",
+                            ws.path,
+                            ws.authority,
+                            answer.status,
+                            ms(started)
+                        ),
+                    );
+                    Box::new(upgraded)
+                }
+                Err(error) => {
+                    let failure = Failure::from_io(&error, mode)
+                        .unwrap_or_else(|| Failure::WebSocketProtocol(error.to_string()));
+                    return Err(c.failure("websocket", &failure));
+                }
+            }
+        }
+    };
+
+    // 9. MQTT.
+    mqtt::connect(c, config, stream).await
 }
 
 /// Steps 2 and 3: reads the TLS files the way the service does, then
@@ -304,36 +502,29 @@ fn check_tls_files(c: &mut Checker, config: &ServiceConfig) -> Result<Parts, Sto
     Ok(parts)
 }
 
-/// Step 5: the handshake, watched: the broker's chain is recorded even when
-/// it fails verification, and so is whether the broker asked for our certificate.
+/// Step 7: the handshake, watched: the broker's chain is recorded even when
+/// it fails verification, and so is whether the broker asked for our
+/// certificate. `name` is sent as SNI and verified.
 async fn handshake(
     c: &mut Checker,
     config: &ServiceConfig,
     parts: &Parts,
-    tcp: TcpStream,
-) -> Result<tokio_rustls::client::TlsStream<TcpStream>, Stop> {
-    let broker = &config.mqtt.brokers[0];
+    name: &str,
+    stream: Stream,
+) -> Result<tokio_rustls::client::TlsStream<Stream>, Stop> {
     let watched = watch::Watched::new(parts);
     let client_config = watched
         .client_config(parts)
         .map_err(|e| c.fail("tls", one_line(&e), None))?;
-    let name = ServerName::try_from(broker.host.clone()).map_err(|_| {
-        c.fail(
-            "tls",
-            format!("{:?} is not a valid TLS server name", broker.host),
-            None,
-        )
-    })?;
-    let expected = config
-        .mqtt
-        .tls
-        .as_ref()
-        .and_then(|t| t.server_name.clone())
-        .unwrap_or_else(|| broker.host.clone());
+    let offered = probe::alpn_names(&client_config);
+    let route = probe::TlsRoute {
+        config: Arc::new(client_config),
+        server_name: name.to_owned(),
+    };
     let started = Instant::now();
     let result = tokio::time::timeout(
         config.mqtt.connect_timeout,
-        TlsConnector::from(Arc::new(client_config)).connect(name, tcp),
+        probe::handshake(&route, stream),
     )
     .await;
     for (index, der) in watched.chain().iter().enumerate() {
@@ -352,6 +543,9 @@ async fn handshake(
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             return Err(match Failure::from_io(&error, config.mqtt.mode()) {
+                Some(failure @ Failure::NoApplicationProtocol { .. }) => {
+                    c.failure("alpn", &failure)
+                }
                 Some(failure) => c.failure("tls", &failure),
                 // Cut short without a TLS error of its own (a reset, or a
                 // plain MQTT port that hung up on our ClientHello).
@@ -371,16 +565,36 @@ async fn handshake(
     let suite = session
         .negotiated_cipher_suite()
         .map_or("?".to_owned(), |s| format!("{:?}", s.suite()));
-    c.ok("tls", format!("{version}, {suite}, in {}", ms(started)));
+    let chosen = session
+        .alpn_protocol()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    let sni = match name.parse::<std::net::IpAddr>() {
+        Ok(_) => format!("no SNI ({name} is an IP address)"),
+        Err(_) => format!("SNI {name}"),
+    };
+    c.ok(
+        "tls",
+        format!("{version}, {suite}, {sni}, in {}", ms(started)),
+    );
+    if !offered.is_empty() {
+        let detail = match chosen {
+            Some(chosen) => format!("offered {}; the server chose {chosen}", offered.join(", ")),
+            None => format!(
+                "offered {}; the server chose none (it does not use ALPN)",
+                offered.join(", ")
+            ),
+        };
+        c.ok("alpn", detail);
+    }
     match parts.trust {
         Trust::SkipVerify => c.warn(
             "name",
-            format!("not checked: verification is off ({expected:?} was not verified)"),
+            format!("not checked: verification is off ({name:?} was not verified)"),
             "turn verification back on",
         ),
         _ => c.ok(
             "name",
-            format!("the broker's certificate is valid for {expected:?}"),
+            format!("the broker's certificate is valid for {name:?}"),
         ),
     }
     let asked = watched.certificate_requested();

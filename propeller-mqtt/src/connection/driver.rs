@@ -579,15 +579,7 @@ async fn diagnose(
     broker: usize,
     tls: Option<&TlsSetup>,
 ) -> Failure {
-    match (&failure, tls) {
-        (
-            Failure::ClosedBeforeConnAck | Failure::ClosedBeforeConnAckWithoutCertificate,
-            Some(tls),
-        ) => probe::tls_refusal(&config.brokers[broker], tls, config.mode())
-            .await
-            .unwrap_or(failure),
-        _ => failure,
-    }
+    probe::diagnose(failure, config, broker, tls).await
 }
 
 async fn wait_for_stop(mut stop: watch::Receiver<bool>) {

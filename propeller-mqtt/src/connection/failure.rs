@@ -69,6 +69,57 @@ pub enum Failure {
     Timeout,
     /// An established connection was lost.
     ConnectionLost(ConnectionLoss),
+    /// The HTTP proxy of `<P>_MQTT_PROXY` cannot be reached.
+    ProxyUnreachable(String),
+    /// The HTTP proxy wants credentials we did not send, or refused ours:
+    /// 407, or 401 (tinyproxy 1.11's answer to wrong ones).
+    ProxyAuthenticationRequired {
+        /// The status code.
+        status: u16,
+        /// Whether we sent credentials.
+        sent: bool,
+    },
+    /// The HTTP proxy refused the tunnel to the broker (403 by its rules,
+    /// 5xx when it cannot reach the broker itself).
+    ProxyRefused {
+        /// The status code.
+        status: u16,
+        /// The proxy's reason phrase.
+        reason: String,
+        /// The broker's `host:port` we asked for.
+        target: String,
+    },
+    /// The proxy's answer to CONNECT is not HTTP, too long, cut short or late.
+    ProxyProtocol(String),
+    /// The server answered the WebSocket upgrade with an HTTP error.
+    WebSocketRefused {
+        /// The status code, such as 403.
+        status: u16,
+        /// Its standard reason phrase.
+        reason: String,
+        /// The path we asked for.
+        path: String,
+        /// Whether we presented a client certificate (mTLS).
+        client_certificate: bool,
+    },
+    /// The server does not speak MQTT over WebSocket at that address.
+    WebSocketProtocol(String),
+    /// The server accepts none of the application protocols we offered (ALPN).
+    NoApplicationProtocol {
+        /// What we offered (`<P>_MQTT_TLS_ALPN`).
+        offered: Vec<String>,
+    },
+    /// The server closed the connection in the middle of the TLS handshake,
+    /// without an alert: what a TLS router (SNI or ALPN) does when it routes
+    /// us to a backend that closes, or a port that is not TLS.
+    ClosedDuringTlsHandshake {
+        /// The SNI we sent.
+        server_name: String,
+        /// The ALPN protocols we offered.
+        alpn: Vec<String>,
+        /// Whether we had a client certificate to present.
+        client_certificate: bool,
+    },
 }
 
 /// A connection the broker closes sooner than this after CONNACK does not
@@ -149,6 +200,9 @@ impl fmt::Display for IoCause {
 impl Failure {
     /// The TLS failure inside an I/O error, if there is one.
     pub fn from_io(error: &io::Error, mode: Mode) -> Option<Self> {
+        if let Some(failure) = Self::transport(error, mode) {
+            return Some(failure);
+        }
         find::<rustls::Error>(error, no_hidden_causes).map(|tls| Self::from_tls(tls, mode))
     }
 
@@ -264,6 +318,14 @@ impl Failure {
             Failure::Timeout => "timeout",
             Failure::ConnectionLost(ConnectionLoss::TakenOver { .. }) => "taken-over",
             Failure::ConnectionLost(_) => "connection-lost",
+            Failure::ProxyUnreachable(_) => "proxy-unreachable",
+            Failure::ProxyAuthenticationRequired { .. } => "proxy-authentication-required",
+            Failure::ProxyRefused { .. } => "proxy-refused",
+            Failure::ProxyProtocol(_) => "proxy-protocol",
+            Failure::WebSocketRefused { .. } => "websocket-refused",
+            Failure::WebSocketProtocol(_) => "websocket-protocol",
+            Failure::NoApplicationProtocol { .. } => "no-application-protocol",
+            Failure::ClosedDuringTlsHandshake { .. } => "closed-during-tls-handshake",
         }
     }
 
@@ -271,7 +333,31 @@ impl Failure {
     pub fn is_tls(&self) -> bool {
         self.is_broker_certificate()
             || self.is_client_certificate()
-            || matches!(self, Failure::Tls(_))
+            || matches!(
+                self,
+                Failure::Tls(_)
+                    | Failure::NoApplicationProtocol { .. }
+                    | Failure::ClosedDuringTlsHandshake { .. }
+            )
+    }
+
+    /// Whether the HTTP proxy of `<P>_MQTT_PROXY` is the problem.
+    pub fn is_proxy(&self) -> bool {
+        matches!(
+            self,
+            Failure::ProxyUnreachable(_)
+                | Failure::ProxyAuthenticationRequired { .. }
+                | Failure::ProxyRefused { .. }
+                | Failure::ProxyProtocol(_)
+        )
+    }
+
+    /// Whether the WebSocket upgrade is the problem.
+    pub fn is_websocket(&self) -> bool {
+        matches!(
+            self,
+            Failure::WebSocketRefused { .. } | Failure::WebSocketProtocol(_)
+        )
     }
 
     /// Whether the broker's certificate is the problem (trust, name, expiry).
@@ -392,7 +478,75 @@ impl Failure {
                 var("CLIENT_ID")
             ),
             Failure::ConnectionLost(_) => "reconnecting; check the network and the broker's logs if it repeats".to_owned(),
+            Failure::ProxyUnreachable(_) => format!(
+                "check the host and port of {} and that the proxy runs; unset it to connect directly",
+                var("MQTT_PROXY")
+            ),
+            Failure::ProxyAuthenticationRequired { sent: false, .. } => format!(
+                "put the proxy's user and password in {}: http://user:password@host:port (percent-encode ':', '@' and '%' in them)",
+                var("MQTT_PROXY")
+            ),
+            Failure::ProxyAuthenticationRequired { sent: true, .. } => format!(
+                "check the user and password in {} (http://user:password@host:port, percent-encoded) with the proxy's operator",
+                var("MQTT_PROXY")
+            ),
+            Failure::ProxyRefused { status: 403, target, .. } => format!(
+                "the proxy's rules do not allow a tunnel to {target} (tinyproxy: ConnectPort and Allow; Squid: SSL_ports and http_access): have that port allowed, or use an address of {} on a port the proxy allows, such as wss://host:443/mqtt",
+                var("MQTT_ADDRESS")
+            ),
+            Failure::ProxyRefused { status: 500..=599, .. } => format!(
+                "the proxy could not reach the broker: check {} as the proxy sees it (its DNS, its network), and the proxy's logs",
+                var("MQTT_ADDRESS")
+            ),
+            Failure::ProxyRefused { .. } => format!(
+                "check {} and the proxy's logs",
+                var("MQTT_PROXY")
+            ),
+            Failure::ProxyProtocol(_) => format!(
+                "check that {} is an HTTP proxy that allows CONNECT (not a SOCKS proxy, not the broker)",
+                var("MQTT_PROXY")
+            ),
+            Failure::WebSocketRefused { status: 403, client_certificate: false, .. } => format!(
+                "the edge wants a client certificate for this location (Magistrala's /mqtt answers 403 without a verified one): set {} and {}",
+                var("MQTT_TLS_CLIENT_CERT"),
+                var("MQTT_TLS_CLIENT_KEY")
+            ),
+            Failure::WebSocketRefused { status: 400 | 403, client_certificate: true, .. } => format!(
+                "the edge did not accept our client certificate for this location (nginx answers 400 when it fails verification, 403 when $ssl_client_verify is not SUCCESS): use a certificate from the CA the edge trusts in {}, and read the edge's error log",
+                var("MQTT_TLS_CLIENT_CERT")
+            ),
+            Failure::WebSocketRefused { status: 404, .. } => format!(
+                "nothing serves MQTT over WebSocket at that path: fix the path of {} (Magistrala: /mqtt)",
+                var("MQTT_ADDRESS")
+            ),
+            Failure::WebSocketRefused { .. } => format!(
+                "check that {} names the broker's MQTT-over-WebSocket endpoint, and the edge's logs",
+                var("MQTT_ADDRESS")
+            ),
+            Failure::WebSocketProtocol(_) => format!(
+                "point {} at the broker's MQTT-over-WebSocket endpoint (ws://host:port/path, wss:// for TLS); an MQTT port wants tcp:// or ssl://",
+                var("MQTT_ADDRESS")
+            ),
+            Failure::NoApplicationProtocol { .. } => format!(
+                "set {} to a protocol the server accepts (such as mqtt, x-amzn-mqtt-ca, or http/1.1 for a WebSocket edge), or unset it",
+                var("MQTT_TLS_ALPN")
+            ),
+            Failure::ClosedDuringTlsHandshake { client_certificate, .. } => format!(
+                "a TLS router (nginx ssl_preread, Traefik HostSNI) may have sent us to a backend that does not serve us: check {} (the SNI we send) and {} against its routes; or the port does not speak TLS (use tcp://){}",
+                var("MQTT_TLS_SERVER_NAME"),
+                var("MQTT_TLS_ALPN"),
+                match client_certificate {
+                    true => "; or the server refused our client certificate without an alert",
+                    false => "",
+                }
+            ),
         }
+    }
+
+    /// A failure in one step of opening the stream (proxy, TLS, WebSocket),
+    /// when it says more than what it holds.
+    pub(crate) fn transport(error: &(dyn StdError + 'static), mode: Mode) -> Option<Self> {
+        find::<super::transport::TransportError>(error, no_hidden_causes)?.failure(mode)
     }
 }
 
@@ -458,6 +612,47 @@ impl fmt::Display for Failure {
             Failure::Unreachable(why) => write!(f, "cannot reach the broker: {why}"),
             Failure::Timeout => f.write_str("no answer from the broker within the connect timeout"),
             Failure::ConnectionLost(why) => write!(f, "the connection was lost: {why}"),
+            Failure::ProxyUnreachable(why) => write!(f, "cannot reach the HTTP proxy: {why}"),
+            Failure::ProxyAuthenticationRequired { status, sent: false } => write!(
+                f,
+                "the HTTP proxy requires credentials and we sent none ({status})"
+            ),
+            Failure::ProxyAuthenticationRequired { status, sent: true } => {
+                write!(f, "the HTTP proxy refused our credentials ({status})")
+            }
+            Failure::ProxyRefused { status, reason, target } => write!(
+                f,
+                "the HTTP proxy refused the tunnel to {target}: {status} {reason}"
+            ),
+            Failure::ProxyProtocol(why) => write!(f, "the HTTP proxy's answer is unusable: {why}"),
+            Failure::WebSocketRefused { status, reason, path, .. } => write!(
+                f,
+                "the WebSocket upgrade at {path} was refused: {status} {reason}"
+            ),
+            Failure::WebSocketProtocol(why) => {
+                write!(f, "the server does not speak MQTT over WebSocket there: {why}")
+            }
+            Failure::NoApplicationProtocol { offered } => write!(
+                f,
+                "no application protocol in common: the server accepts none of {} (ALPN)",
+                offered.join(", ")
+            ),
+            Failure::ClosedDuringTlsHandshake { server_name, alpn, .. } => {
+                match server_name.parse::<std::net::IpAddr>() {
+                    Ok(_) => write!(
+                        f,
+                        "the server closed the connection during the TLS handshake (no SNI: {server_name} is an IP address"
+                    )?,
+                    Err(_) => write!(
+                        f,
+                        "the server closed the connection during the TLS handshake (SNI {server_name}"
+                    )?,
+                }
+                match alpn.is_empty() {
+                    true => f.write_str(", no ALPN)"),
+                    false => write!(f, ", ALPN {})", alpn.join(",")),
+                }
+            }
         }
     }
 }

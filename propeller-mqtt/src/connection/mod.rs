@@ -13,10 +13,13 @@ mod outbox;
 #[cfg(test)]
 mod peer;
 mod probe;
+mod proxy;
 mod session;
 mod socket;
 #[cfg(test)]
 mod tests;
+mod transport;
+mod websocket;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +36,9 @@ pub use failure::{ConnectionLoss, Failure, IoCause};
 /// connection one step at a time (`propeller-mqtt check`).
 pub mod diagnose {
     pub use super::probe::{verdict, VERDICT_WAIT};
+    pub use super::proxy::{tunnel, Opened, Tunnel};
+    pub use super::transport::{alpn_names, handshake, Route, TlsRoute, TransportError};
+    pub use super::websocket::{upgrade, Upgraded, WebSocketRoute, WebSocketStream};
 }
 
 use crate::{ClientError, ConfigError, Options, QoS};

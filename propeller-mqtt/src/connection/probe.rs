@@ -13,36 +13,54 @@
 
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 use super::failure::Failure;
-use crate::env::BrokerAddress;
+use super::transport::{handshake, Route};
 use crate::tls::{unix_now, CertificateFacts, TlsSetup};
-use crate::Mode;
+use crate::{Mode, Options};
 
 /// How long we wait for a verdict once the handshake is done. A server that
 /// accepts our certificate says nothing until CONNECT, so this is also the
 /// probe's cost when TLS is fine.
 pub const VERDICT_WAIT: Duration = Duration::from_secs(2);
 
+/// A closer look at a TLS connection closed before CONNACK (`failure`, already
+/// in the terms of the mode) to broker `broker` of `config`: the probe below.
+/// Other failures are returned as they are.
+pub(crate) async fn diagnose(
+    failure: Failure,
+    config: &Options,
+    broker: usize,
+    tls: Option<&TlsSetup>,
+) -> Failure {
+    let closed_after_tls = matches!(
+        failure,
+        Failure::ClosedBeforeConnAck | Failure::ClosedBeforeConnAckWithoutCertificate
+    );
+    match tls {
+        Some(tls) if closed_after_tls => tls_refusal(config, broker, tls).await.unwrap_or(failure),
+        _ => failure,
+    }
+}
+
 /// The TLS-level reason the server refuses us, or `None` when TLS is fine (or
-/// the probe cannot tell).
+/// the probe cannot tell). Goes the way the connection goes: through the
+/// proxy, with the same SNI and ALPN.
 pub(crate) async fn tls_refusal(
-    broker: &BrokerAddress,
+    config: &Options,
+    broker: usize,
     tls: &TlsSetup,
-    mode: Mode,
 ) -> Option<Failure> {
-    let name = ServerName::try_from(broker.host.clone()).ok()?;
-    let connect = TcpStream::connect((broker.host.as_str(), broker.port));
-    let tcp = tokio::time::timeout(VERDICT_WAIT, connect)
-        .await
-        .ok()?
-        .ok()?;
-    let connector = TlsConnector::from(tls.client_config.clone());
-    let mut stream = match tokio::time::timeout(VERDICT_WAIT, connector.connect(name, tcp)).await {
+    let route = Route::new(config, &config.brokers[broker], Some(tls));
+    let mode = config.mode();
+    let tcp = match tokio::time::timeout(VERDICT_WAIT, route.open()).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(error)) => return Failure::from_io(&error, mode),
+        Err(_) => return None,
+    };
+    let tls_route = route.tls.as_ref()?;
+    let mut stream = match tokio::time::timeout(VERDICT_WAIT, handshake(tls_route, tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return Failure::from_io(&error, mode),
         Err(_) => return None,

@@ -82,12 +82,12 @@ use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event as RawEvent, EventLoop, Incoming,
     MqttOptions, Outgoing, PubRel, Publish, Request, StateError, SubscribeFilter,
-    SubscribeReasonCode, TlsConfiguration, Transport,
+    SubscribeReasonCode,
 };
 
 use super::failure::{find, ConnectionLoss, Failure};
 use super::outbox::Outbox;
-use super::{socket, Message};
+use super::{transport, Message};
 use crate::env::BrokerAddress;
 use crate::tls::TlsSetup;
 use crate::{ClientError, Mode, Options, QoS};
@@ -123,13 +123,9 @@ fn mqtt_options(config: &Options, broker: &BrokerAddress, tls: Option<&TlsSetup>
             false,
         ));
     }
-    if let Some(tls) = tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.client_config.clone(),
-        )));
-    }
-    // Our own TCP stream, on every (re)connect: quick acknowledgements.
-    options.set_socket_connector(|address, _| socket::connect(address));
+    // Our own stream, on every (re)connect: TCP with quick acknowledgements,
+    // the proxy's tunnel, TLS with our SNI, WebSocket (see `transport`).
+    transport::install(&mut options, config, broker, tls);
     options
 }
 
@@ -590,7 +586,7 @@ fn ready_now<F: Future>(future: F) -> Option<F::Output> {
 
 /// Why rumqttc's event loop stopped.
 #[derive(Debug)]
-pub(crate) struct LinkError(ConnectionError);
+pub(crate) struct LinkError(pub(super) ConnectionError);
 
 impl LinkError {
     /// Every request handle is gone: nobody can publish or stop us.
@@ -623,6 +619,9 @@ impl LinkError {
             }
             error => error,
         };
+        if let Some(failure) = Failure::transport(&error, mode) {
+            return failure;
+        }
         if let Some(tls) = find::<rustls::Error>(&error, hidden_cause) {
             return Failure::from_tls(tls, mode);
         }

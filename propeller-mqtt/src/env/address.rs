@@ -1,18 +1,25 @@
-//! The broker address: `scheme://host[:port]`.
+//! The broker address: `scheme://host[:port]`, or `ws[s]://host[:port][/path]`
+//! for MQTT over WebSocket.
 //!
 //! We parse it ourselves instead of `MqttOptions::parse_url`, which panics when the
 //! OS trust store reports a load error and cannot carry our own TLS settings.
 
 use std::fmt;
 
-/// Plain MQTT over TCP, or MQTT over TLS.
+/// Plain MQTT over TCP, or MQTT over TLS. WebSocket addresses count as
+/// their security: `ws://` is [`Transport::Tcp`], `wss://` is [`Transport::Tls`]
+/// (see [`BrokerAddress::websocket`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
-    /// `tcp://` or `mqtt://`.
+    /// `tcp://`, `mqtt://` or `ws://`.
     Tcp,
-    /// `ssl://`, `tls://` or `mqtts://`.
+    /// `ssl://`, `tls://`, `mqtts://` or `wss://`.
     Tls,
 }
+
+/// The default path of `ws://` and `wss://` addresses: Magistrala's nginx
+/// serves MQTT over WebSocket at `location /mqtt`.
+pub const DEFAULT_WEBSOCKET_PATH: &str = "/mqtt";
 
 /// A parsed broker address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,10 +31,14 @@ pub struct BrokerAddress {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// For MQTT over WebSocket (`ws://`, `wss://`): the path of the HTTP
+    /// upgrade request, with its query if any, such as `/mqtt`.
+    pub websocket: Option<String>,
 }
 
 impl BrokerAddress {
-    /// Parses an address such as `tcp://nginx:1883`, `ssl://[::1]:8883` or `mqtts://broker`.
+    /// Parses an address such as `tcp://nginx:1883`, `ssl://[::1]:8883`,
+    /// `mqtts://broker` or `wss://edge/mqtt`.
     ///
     /// # Errors
     ///
@@ -40,23 +51,40 @@ impl BrokerAddress {
                     .to_owned(),
             );
         };
-        let (transport, default_port) = match scheme.to_ascii_lowercase().as_str() {
-            "tcp" | "mqtt" => (Transport::Tcp, 1883),
-            "ssl" | "tls" | "mqtts" => (Transport::Tls, 8883),
+        let (transport, default_port, websocket) = match scheme.to_ascii_lowercase().as_str() {
+            "tcp" | "mqtt" => (Transport::Tcp, 1883, false),
+            "ssl" | "tls" | "mqtts" => (Transport::Tls, 8883, false),
+            "ws" => (Transport::Tcp, 80, true),
+            "wss" => (Transport::Tls, 443, true),
             _ => {
                 return Err(format!(
-                    "unknown scheme {scheme:?}: use tcp:// or mqtt:// for plain MQTT, ssl://, tls:// or mqtts:// for TLS"
+                    "unknown scheme {scheme:?}: use tcp:// or mqtt:// for plain MQTT, ssl://, tls:// or mqtts:// for TLS, ws:// or wss:// for MQTT over WebSocket"
                 ))
             }
         };
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        let (authority, path) = match (websocket, rest.find(['/', '?'])) {
+            (true, Some(at)) => (&rest[..at], Some(&rest[at..])),
+            (true, None) => (rest, None),
+            (false, _) => (rest.strip_suffix('/').unwrap_or(rest), None),
+        };
         if authority.contains(['/', '?', '#', '@']) {
-            return Err("write only scheme://host:port, without user, path or query".to_owned());
+            return Err(match websocket {
+                false => "write only scheme://host:port, without user, path or query".to_owned(),
+                true => {
+                    "write ws://host:port/path or wss://host:port/path, without user".to_owned()
+                }
+            });
         }
+        let websocket = match path {
+            _ if !websocket => None,
+            None | Some("/") => Some(DEFAULT_WEBSOCKET_PATH.to_owned()),
+            Some(path) => Some(websocket_path(path)?),
+        };
         let (host, port) = split_host_port(authority)?;
         if host.is_empty() {
             return Err("the host is empty: write scheme://host:port".to_owned());
         }
+        check_host(host)?;
         let port = match port {
             None => default_port,
             Some(port) => match port.parse::<u16>() {
@@ -68,12 +96,44 @@ impl BrokerAddress {
             transport,
             host: host.to_owned(),
             port,
+            websocket,
         })
     }
 }
 
+/// The path (and query) of a WebSocket address, as the request line will carry it.
+fn websocket_path(path: &str) -> Result<String, String> {
+    let path = match path.starts_with('?') {
+        true => format!("{DEFAULT_WEBSOCKET_PATH}{path}"),
+        false => path.to_owned(),
+    };
+    if !path.bytes().all(|b| b.is_ascii_graphic() && b != b'#') {
+        return Err(
+            "the path must be visible ASCII without '#' (percent-encode the rest), such as /mqtt"
+                .to_owned(),
+        );
+    }
+    Ok(path)
+}
+
+/// A host name or IP address goes into request lines and headers (a proxy's
+/// CONNECT, a WebSocket's Host): letters, digits, `-`, `.`, `_`, and for IPv6
+/// `:` and a `%` zone.
+pub(crate) fn check_host(host: &str) -> Result<(), String> {
+    match host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._:%".contains(&b))
+    {
+        true => Ok(()),
+        false => Err(
+            "the host has characters no host name has: write a DNS name or an IP address"
+                .to_owned(),
+        ),
+    }
+}
+
 /// Splits `host:port`, `[v6]:port`, `host` or `[v6]`.
-fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), String> {
+pub(crate) fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), String> {
     if let Some(bracketed) = authority.strip_prefix('[') {
         let (host, after) = bracketed
             .split_once(']')
@@ -97,14 +157,17 @@ fn split_host_port(authority: &str) -> Result<(&str, Option<&str>), String> {
 
 impl fmt::Display for BrokerAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = match self.transport {
-            Transport::Tcp => "tcp",
-            Transport::Tls => "ssl",
+        let scheme = match (self.transport, &self.websocket) {
+            (Transport::Tcp, None) => "tcp",
+            (Transport::Tls, None) => "ssl",
+            (Transport::Tcp, Some(_)) => "ws",
+            (Transport::Tls, Some(_)) => "wss",
         };
+        let path = self.websocket.as_deref().unwrap_or("");
         if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}{path}", self.host, self.port)
         } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}{path}", self.host, self.port)
         }
     }
 }
@@ -176,6 +239,39 @@ mod tests {
             ("tcp://user@nginx", "without user"),
             ("tcp://user:hunter2@nginx", "without user"),
             ("tcp://nginx/path", "without user, path"),
+            ("tcp://ngi nx:1883", "no host name has"),
+            ("ws://a\r\nX:1/mqtt", "no host name has"),
+        ] {
+            let problem = BrokerAddress::parse(bad).unwrap_err();
+            assert!(problem.contains(hint), "{bad:?}: {problem}");
+        }
+    }
+
+    #[test]
+    fn websocket_addresses_have_a_path() {
+        let wss = parse("wss://edge.example.com/mqtt");
+        assert_eq!(
+            (wss.transport, wss.port, wss.websocket.as_deref()),
+            (Transport::Tls, 443, Some("/mqtt"))
+        );
+        assert_eq!(wss.to_string(), "wss://edge.example.com:443/mqtt");
+        let ws = parse("WS://[::1]:8080");
+        assert_eq!(
+            (ws.transport, ws.host.as_str(), ws.websocket.as_deref()),
+            (Transport::Tcp, "::1", Some("/mqtt"))
+        );
+        assert_eq!(ws.to_string(), "ws://[::1]:8080/mqtt");
+        assert_eq!(parse("ws://h/").websocket.as_deref(), Some("/mqtt"));
+        assert_eq!(
+            parse("wss://h:8443/ws/mqtt?x=1").websocket.as_deref(),
+            Some("/ws/mqtt?x=1")
+        );
+        assert_eq!(parse("ws://h?x=1").websocket.as_deref(), Some("/mqtt?x=1"));
+        assert_eq!(parse("ssl://h").websocket, None);
+        for (bad, hint) in [
+            ("wss://u:p@h/mqtt", "without user"),
+            ("wss://h/a b", "visible ASCII"),
+            ("ws:///mqtt", "host is empty"),
         ] {
             let problem = BrokerAddress::parse(bad).unwrap_err();
             assert!(problem.contains(hint), "{bad:?}: {problem}");

@@ -11,13 +11,14 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use address::{redacted, BrokerAddress, Transport};
+pub(crate) use address::{check_host, split_host_port};
+pub use address::{redacted, BrokerAddress, Transport, DEFAULT_WEBSOCKET_PATH};
 
 use crate::options::{
-    brokers, max_packet_range, IdentityFiles, Names, Options, Secret, TlsSettings,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_PACKET_SIZE, DEFAULT_OUTBOX_LIMIT,
-    DEFAULT_QOS, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN, KEEP_ALIVE_RANGE,
-    MQTT_MAX_PACKET_SIZE, OUTBOX_RANGE,
+    brokers, check_alpn, max_packet_range, HttpProxy, IdentityFiles, Names, Options, Secret,
+    TlsSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MAX_PACKET_SIZE,
+    DEFAULT_OUTBOX_LIMIT, DEFAULT_QOS, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_MIN,
+    KEEP_ALIVE_RANGE, MQTT_MAX_PACKET_SIZE, OUTBOX_RANGE,
 };
 use crate::ConfigError;
 
@@ -123,6 +124,8 @@ pub const VARIABLES: &[&str] = &[
     "MQTT_TLS_CLIENT_KEY_PASSWORD",
     "MQTT_TLS_SERVER_NAME",
     "MQTT_TLS_INSECURE_SKIP_VERIFY",
+    "MQTT_TLS_ALPN",
+    "MQTT_PROXY",
     "CLIENT_ID",
     "CLIENT_KEY",
     "ENTITY_ID",
@@ -149,6 +152,8 @@ struct RawEnv {
     mqtt_tls_client_key_password: Option<String>,
     mqtt_tls_server_name: Option<String>,
     mqtt_tls_insecure_skip_verify: Option<String>,
+    mqtt_tls_alpn: Option<String>,
+    mqtt_proxy: Option<String>,
     client_id: Option<String>,
     client_key: Option<String>,
     // Newer upstream's names for the same identity values.
@@ -329,6 +334,7 @@ impl Parser {
                 value::positive_duration,
             )?
             .unwrap_or(DEFAULT_RECONNECT_MAX);
+        let proxy = self.proxy(raw.mqtt_proxy.as_deref())?;
 
         let options = Options {
             brokers,
@@ -343,6 +349,7 @@ impl Parser {
             last_will: None,
             names: self.names.clone(),
             persistent_session,
+            proxy,
             reconnect_min,
             reconnect_max,
         };
@@ -358,6 +365,32 @@ impl Parser {
             ));
         }
         Ok(options)
+    }
+
+    /// `<P>_MQTT_PROXY`. Its value is shown only with the credentials
+    /// redacted, and not at all when it does not look like a URL.
+    fn proxy(&self, text: Option<&str>) -> Result<Option<HttpProxy>, ConfigError> {
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        HttpProxy::parse(text).map(Some).map_err(|problem| {
+            let var = self.names.var("MQTT_PROXY");
+            let text = text.trim();
+            // Everything up to the last '@' may be credentials, '/' and all.
+            match (text.split_once("://"), text.rfind('@')) {
+                (Some((scheme, _)), Some(at)) => ConfigError::Invalid {
+                    var,
+                    value: format!("{scheme}://<redacted>{}", &text[at..]),
+                    problem,
+                },
+                (Some(_), None) => ConfigError::Invalid {
+                    var,
+                    value: text.to_owned(),
+                    problem,
+                },
+                (None, _) => ConfigError::InvalidSecret { var, problem },
+            }
+        })
     }
 
     fn tls(
@@ -401,6 +434,16 @@ impl Parser {
             None => None,
         };
 
+        let alpn: Vec<String> = match &raw.mqtt_tls_alpn {
+            None => Vec::new(),
+            Some(text) => {
+                let alpn: Vec<String> = text.split(',').map(|p| p.trim().to_owned()).collect();
+                check_alpn(&alpn)
+                    .map_err(|problem| self.invalid("MQTT_TLS_ALPN", text, &problem))?;
+                alpn
+            }
+        };
+
         if broker.transport == Transport::Tcp {
             let set: Vec<String> = [
                 ("MQTT_TLS_CA_CERT", raw.mqtt_tls_ca_cert.is_some()),
@@ -408,6 +451,7 @@ impl Parser {
                 ("MQTT_TLS_CLIENT_KEY", raw.mqtt_tls_client_key.is_some()),
                 ("MQTT_TLS_SERVER_NAME", server_name.is_some()),
                 ("MQTT_TLS_INSECURE_SKIP_VERIFY", insecure_skip_verify),
+                ("MQTT_TLS_ALPN", !alpn.is_empty()),
             ]
             .into_iter()
             .filter(|(_, set)| *set)
@@ -431,6 +475,7 @@ impl Parser {
             identity,
             server_name,
             insecure_skip_verify,
+            alpn,
         }))
     }
 

@@ -178,7 +178,7 @@ fn tls_variables_never_fall_back_to_plaintext() {
     assert_eq!(
         message,
         "PROPLET_MQTT_TLS_CA_CERT is set, but PROPLET_MQTT_ADDRESS=\"tcp://nginx:1883\" is plain MQTT: \
-         use an ssl:// address for TLS, or unset the TLS variables (we never fall back to plaintext)"
+         use an ssl:// (or wss://) address for TLS, or unset the TLS variables (we never fall back to plaintext)"
     );
     let both = error(&[
         ("PROPLET_MQTT_TLS_CLIENT_CERT", "/c"),
@@ -364,4 +364,126 @@ fn own_settings_are_not_shown_by_debug() {
     let debug = format!("{config:?}");
     assert!(debug.contains("PROPLET_DB_PASS"), "{debug}");
     assert!(!debug.contains("hunter2-db"), "{debug}");
+}
+
+#[test]
+fn websocket_addresses_count_as_their_security() {
+    let config = parse(&[
+        ("PROPLET_MQTT_ADDRESS", "wss://edge/mqtt, ssl://edge:8883"),
+        ("PROPLET_MQTT_TLS_CLIENT_CERT", "/c.crt"),
+        ("PROPLET_MQTT_TLS_CLIENT_KEY", "/c.key"),
+    ])
+    .unwrap();
+    assert_eq!(config.mode(), Mode::MutualTls);
+    assert_eq!(config.brokers[0].websocket.as_deref(), Some("/mqtt"));
+    assert_eq!(config.brokers[1].websocket, None);
+    let plain = parse(&[("PROPLET_MQTT_ADDRESS", "ws://edge:8080/mqtt,tcp://b")]).unwrap();
+    assert_eq!(plain.mode(), Mode::Plain);
+    let message = error(&[("PROPLET_MQTT_ADDRESS", "ws://a/mqtt,wss://b/mqtt")]);
+    assert!(
+        message.contains("PROPLET_MQTT_ADDRESS") && message.contains("mixes plain"),
+        "{message}"
+    );
+    let message = error(&[
+        ("PROPLET_MQTT_ADDRESS", "ws://a/mqtt"),
+        ("PROPLET_MQTT_TLS_CA_CERT", "/ca.crt"),
+    ]);
+    assert!(message.contains("ssl:// (or wss://)"), "{message}");
+}
+
+#[test]
+fn the_server_name_is_also_the_sni() {
+    let config = parse(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://10.0.0.5:8883"),
+        ("PROPLET_MQTT_TLS_SERVER_NAME", "mqtt.example.com"),
+    ])
+    .unwrap();
+    assert_eq!(
+        config.tls_server_name(&config.brokers[0]),
+        "mqtt.example.com"
+    );
+    let config = parse(&[("PROPLET_MQTT_ADDRESS", "ssl://10.0.0.5:8883")]).unwrap();
+    assert_eq!(config.tls_server_name(&config.brokers[0]), "10.0.0.5");
+}
+
+#[test]
+fn alpn_is_a_comma_separated_list() {
+    let config = parse(&[
+        ("PROPLET_MQTT_ADDRESS", "ssl://edge:443"),
+        ("PROPLET_MQTT_TLS_ALPN", "x-amzn-mqtt-ca, mqtt"),
+    ])
+    .unwrap();
+    assert_eq!(
+        config.tls.as_ref().unwrap().alpn,
+        ["x-amzn-mqtt-ca", "mqtt"]
+    );
+    for (bad, hint) in [("mqtt,,x", "1 to 255"), ("mq tt", "visible ASCII")] {
+        let message = error(&[
+            ("PROPLET_MQTT_ADDRESS", "ssl://edge:443"),
+            ("PROPLET_MQTT_TLS_ALPN", bad),
+        ]);
+        assert!(
+            message.starts_with("PROPLET_MQTT_TLS_ALPN=") && message.contains(hint),
+            "{message}"
+        );
+    }
+    let message = error(&[("PROPLET_MQTT_TLS_ALPN", "mqtt")]);
+    assert!(
+        message.contains("PROPLET_MQTT_TLS_ALPN is set, but PROPLET_MQTT_ADDRESS"),
+        "{message}"
+    );
+    // Options built in code are checked the same way.
+    let mut options = parse(&[("PROPLET_MQTT_ADDRESS", "ssl://edge:443")]).unwrap();
+    options.tls.as_mut().unwrap().alpn = vec![String::new()];
+    let message = options.validate().unwrap_err().to_string();
+    assert!(message.starts_with("PROPLET_MQTT_TLS_ALPN"), "{message}");
+}
+
+#[test]
+fn the_proxy_is_parsed_and_its_credentials_never_shown() {
+    let config = parse(&[(
+        "PROPLET_MQTT_PROXY",
+        "http://ops%40site:p%3Ass@proxy.lan:3128/",
+    )])
+    .unwrap();
+    let proxy = config.proxy.as_ref().unwrap();
+    assert_eq!((proxy.host.as_str(), proxy.port), ("proxy.lan", 3128));
+    let credentials = proxy.credentials.as_ref().unwrap();
+    assert_eq!(
+        (credentials.user.expose(), credentials.password.expose()),
+        ("ops@site", "p:ss")
+    );
+    let shown = format!("{config:?} {proxy}");
+    assert!(
+        !shown.contains("p%3Ass") && !shown.contains("p:ss"),
+        "{shown}"
+    );
+    assert!(!shown.contains("ops"), "{shown}");
+    assert!(
+        shown.contains("http://<redacted>@proxy.lan:3128"),
+        "{shown}"
+    );
+
+    let ipv6 = parse(&[("PROPLET_MQTT_PROXY", "http://[::1]:8080")]).unwrap();
+    assert_eq!(ipv6.proxy.as_ref().unwrap().authority(), "[::1]:8080");
+    assert!(ipv6.proxy.as_ref().unwrap().credentials.is_none());
+
+    for (bad, hint) in [
+        ("socks5://u:hunter2@p:1080", "only HTTP proxies"),
+        ("https://u:hunter2@p:3128", "not supported"),
+        ("http://u:hunter2@p", "port is missing"),
+        ("http://u:hunter2@p:0", "1 to 65535"),
+        ("http://u:hunter2@p:3128/path", "without a path"),
+        ("http://:hunter2@p:3128", "user before '@' is empty"),
+        ("http://u:hunter2%zz@p:3128", "two hex digits"),
+        ("u:hunter2@p:3128", "missing scheme"),
+        ("http://u:hunter2/x@p", "port is missing"),
+    ] {
+        let message = error(&[("PROPLET_MQTT_PROXY", bad)]);
+        assert!(
+            message.starts_with("PROPLET_MQTT_PROXY") && message.contains(hint),
+            "{bad}: {message}"
+        );
+        assert!(!message.contains("hunter2"), "{message}");
+    }
 }

@@ -124,6 +124,8 @@ pub struct Parts {
     pub warnings: Vec<Warning>,
     /// What errors call the TLS settings, e.g. `SENSOR_MQTT_TLS_*`.
     pub tls_var: String,
+    /// The application protocols offered (ALPN), in order.
+    pub alpn: Vec<Vec<u8>>,
 }
 
 /// rustls refused what the settings make.
@@ -196,6 +198,11 @@ impl Parts {
             identity: identity.map(|i| i.facts),
             warnings,
             tls_var: names.var("MQTT_TLS_*"),
+            alpn: settings
+                .alpn
+                .iter()
+                .map(|p| p.as_bytes().to_vec())
+                .collect(),
         })
     }
 
@@ -218,10 +225,12 @@ impl Parts {
             })?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
-        Ok(match resolver {
+        let mut config = match resolver {
             Some(resolver) => builder.with_client_cert_resolver(resolver),
             None => builder.with_no_client_auth(),
-        })
+        };
+        config.alpn_protocols = self.alpn.clone();
+        Ok(config)
     }
 }
 

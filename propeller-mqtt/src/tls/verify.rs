@@ -12,9 +12,10 @@ use rustls::{DigitallySignedStruct, Error, SignatureScheme};
 
 /// Verifies the broker's certificate against `name` instead of the host we dialled.
 ///
-/// rumqttc always uses the address host as the server name; this is where
-/// `<P>_MQTT_TLS_SERVER_NAME` takes effect (an edge reached by IP whose
-/// certificate has only DNS names, for example).
+/// `<P>_MQTT_TLS_SERVER_NAME` is also what the connection sends as SNI
+/// (`connection/transport.rs`), so the two names agree there; this keeps the
+/// verification on the configured name for anyone who handshakes with the
+/// configuration under another name.
 #[derive(Debug)]
 pub(crate) struct VerifyAs {
     pub inner: Arc<WebPkiServerVerifier>,
