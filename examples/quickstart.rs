@@ -610,7 +610,7 @@ async fn refusal(mode: &Mode, binaries: &Path, dir: &Path, proplet: &Identity) -
                 .await
             {
                 Ok(line) if line.contains("MQTT connection failed") => {
-                    let cause = between(&line, "cause=", " fix=").unwrap_or("?");
+                    let cause = between(&line, "cause=", " class=").unwrap_or("?");
                     match cause.contains("closed before the broker answered CONNECT") {
                         true => Ok(format!("refused: {cause}")),
                         false => Err(format!("refused, but not for the CN: {cause}")),
