@@ -233,6 +233,11 @@ impl Registry {
         if !proplet.announced {
             proplet.announced = true;
             info!(proplet_id = %Untrusted(id), "proplet discovered");
+            // Its heartbeats may have come first (they were logged at debug
+            // level then): the change to alive is news now.
+            if proplet.state == Liveness::Alive {
+                info!(proplet_id = %Untrusted(id), "proplet alive");
+            }
         }
         proplet.namespace = namespace.to_owned();
         proplet.metadata = metadata;
