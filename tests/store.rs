@@ -16,55 +16,24 @@
 //! - a result published while the manager is down: lost by the broker
 //!   (clean session), unless a standby manager receives it.
 //!
-//! `cargo test -p propeller-tests --test store`; the throughput figures:
-//! `cargo test --release -p propeller-tests --test store -- --ignored --nocapture`.
+//! `cargo test -p propeller-tests --test store`; the throughput figures come
+//! from a harness: `cargo run --release --example store-bench`.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use propeller_tests::http::{finished_task, request, start_task, COMPLETED};
 use propeller_tests::lab::{logs, Lab, Mqtt, MANAGER, UPSTREAM};
+use propeller_tests::managers::{
+    add_task, is_listed, pairs, proplet_listed, request_text, start_manager,
+};
 use propeller_tests::postgres::{self, Postgres};
-use propeller_tests::{client_id, modules, servers_available, ServiceProcess, CONNECTED};
+use propeller_tests::{client_id, servers_available, ServiceProcess, CONNECTED};
 use serde_json::{json, Value};
 
 const RUNNING: u64 = 2;
 const PROPLET_ID: &str = "proplet-client";
 const TOPIC: &str = "m/dom/c/chan/control";
-
-/// `add(3, 4)` with its module inline.
-fn add_task() -> Value {
-    let file = base64::engine::general_purpose::STANDARD.encode(modules::add());
-    json!({"name": "add", "inputs": [3, 4], "file": file})
-}
-
-/// Our manager as `who`, with `settings` over the lab's, started in `dir`
-/// (where the default store file goes); waits until it is connected.
-fn manager(
-    lab: &Lab,
-    who: usize,
-    settings: &[(String, String)],
-    dir: &Path,
-) -> (ServiceProcess, u16) {
-    let mut env = lab.env("MANAGER", who);
-    env.set("LIVELINESS_INTERVAL", "1s");
-    for (suffix, value) in settings {
-        env.set(suffix, value);
-    }
-    let manager = ServiceProcess::start_in("manager", &env.vars, dir);
-    let line = manager.wait_for("HTTP API listening", Duration::from_secs(20));
-    let api = propeller_tests::http::api_port(&line);
-    manager.wait_for(CONNECTED, Duration::from_secs(20));
-    (manager, api)
-}
-
-fn pairs(settings: &[(&str, &str)]) -> Vec<(String, String)> {
-    settings
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
 
 /// Polls `/health` until `store.state` is `state`; returns the health.
 fn store_state(api: u16, state: &str, timeout: Duration, logs: impl Fn() -> String) -> Value {
@@ -79,30 +48,6 @@ fn store_state(api: u16, state: &str, timeout: Duration, logs: impl Fn() -> Stri
             Instant::now() < deadline,
             "store not {state} within {timeout:?}: {health}\n{}",
             logs()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Polls `/proplets` until `id` is listed, alive if `alive`.
-fn proplet_listed(api: u16, id: &str, alive: bool, timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let (status, page) = request(api, "GET", "/proplets", None);
-        let found = page["proplets"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["id"] == id && (!alive || p["alive"] == true));
-        if status == 200 {
-            if let Some(proplet) = found {
-                return proplet.clone();
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "proplet {id} not listed{} within {timeout:?}: {status} {page}",
-            if alive { " alive" } else { "" }
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -130,7 +75,7 @@ fn kill_and_restart(
     dir: &Path,
     keeps: bool,
 ) -> Restarted {
-    let (mut first, api) = manager(lab, MANAGER, settings, dir);
+    let (mut first, api) = start_manager(lab, MANAGER, settings, dir);
     let proplet = lab.proplet();
     proplet_listed(api, PROPLET_ID, true, Duration::from_secs(20));
     let id = start_task(api, add_task());
@@ -155,7 +100,7 @@ fn kill_and_restart(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(9)
     );
-    let (second, api) = manager(lab, MANAGER, settings, dir);
+    let (second, api) = start_manager(lab, MANAGER, settings, dir);
     store_state(api, "ready", Duration::from_secs(10), || second.output());
     let completed = request(api, "GET", &format!("/tasks/{id}"), None);
     let pending = request(api, "GET", &format!("/tasks/{pending}"), None);
@@ -321,7 +266,7 @@ fn a_bad_store_file_stops_the_manager_with_one_line() {
             ("STORAGE_TYPE", "sqlite"),
             ("SQLITE_PATH", &damaged.display().to_string()),
         ]);
-        let (mut manager, api) = manager(&lab, MANAGER, &settings, dir.path());
+        let (mut manager, api) = start_manager(&lab, MANAGER, &settings, dir.path());
         for _ in 0..20 {
             let (status, body) = request(api, "POST", "/tasks", Some(&add_task()));
             assert_eq!(status, 201, "{body}");
@@ -345,7 +290,7 @@ fn a_bad_store_file_stops_the_manager_with_one_line() {
         ("STORAGE_TYPE", "sqlite"),
         ("SQLITE_PATH", &held.display().to_string()),
     ]);
-    let (first, api) = manager(&lab, MANAGER, &settings, dir.path());
+    let (first, api) = start_manager(&lab, MANAGER, &settings, dir.path());
     expect(&held, "is in use by another manager");
     let (status, _) = request(api, "POST", "/tasks", Some(&add_task()));
     assert_eq!(
@@ -382,7 +327,7 @@ fn postgres_down_at_startup_and_later() {
     settings.push(("LOG_LEVEL".into(), "debug".into()));
     // Down at startup: the manager runs, says why, and refuses what needs
     // the store.
-    let (mut manager, api) = manager(&lab, MANAGER, &settings, dir.path());
+    let (mut manager, api) = start_manager(&lab, MANAGER, &settings, dir.path());
     let output = || logs(&[("manager", &manager)]);
     let health = store_state(api, "retrying", Duration::from_secs(10), output);
     let failure = health["store"]["failure"].as_str().unwrap_or_default();
@@ -435,7 +380,7 @@ fn postgres_down_at_startup_and_later() {
         !log.contains(&pg.password),
         "the password is logged:\n{log}"
     );
-    let (again, api) = self::manager(&lab, MANAGER, &settings, dir.path());
+    let (again, api) = start_manager(&lab, MANAGER, &settings, dir.path());
     store_state(api, "ready", Duration::from_secs(10), || again.output());
     for task in [&first, &second] {
         let (status, back) = request(
@@ -450,7 +395,7 @@ fn postgres_down_at_startup_and_later() {
     // password.
     let mut wrong = settings.clone();
     wrong.push(("POSTGRES_PASS".into(), "not-the-password".into()));
-    let (turned_away, api) = self::manager(&lab, UPSTREAM, &wrong, dir.path());
+    let (turned_away, api) = start_manager(&lab, UPSTREAM, &wrong, dir.path());
     let health = store_state(api, "retrying", Duration::from_secs(10), || {
         turned_away.output()
     });
@@ -464,24 +409,6 @@ fn postgres_down_at_startup_and_later() {
     assert!(!turned_away.output().contains("not-the-password"));
 }
 
-fn request_text(api: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", api)).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, response)
-}
-
 /// A proplet played by the test: it announces itself, heartbeats when told,
 /// and reports results when told, at QoS 2 as upstream's does.
 struct FakeProplet {
@@ -491,16 +418,32 @@ struct FakeProplet {
 impl FakeProplet {
     const ID: &str = "fake-proplet";
 
-    fn start(lab: &Lab) -> FakeProplet {
+    /// Connects, and announces itself until the manager on `api` lists it
+    /// alive: the manager may not have subscribed yet when it first does.
+    fn start(lab: &Lab, api: u16) -> FakeProplet {
         let mut mqtt = lab.client(Self::ID);
         mqtt.subscribe(&format!("{TOPIC}/manager/start"));
-        mqtt.publish(
-            &format!("{TOPIC}/proplet/create"),
-            &json!({"proplet_id": Self::ID, "namespace": "default"}).to_string(),
-        );
         let proplet = FakeProplet { mqtt };
-        proplet.heartbeat();
-        proplet
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            proplet.mqtt.publish(
+                &format!("{TOPIC}/proplet/create"),
+                &json!({"proplet_id": Self::ID, "namespace": "default"}).to_string(),
+            );
+            proplet.heartbeat();
+            let listed = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < listed {
+                if is_listed(api, Self::ID, true) {
+                    return proplet;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the manager did not list {} alive within 20 s",
+                Self::ID
+            );
+        }
     }
 
     fn heartbeat(&self) {
@@ -535,9 +478,8 @@ fn a_result_sent_while_the_manager_is_down_is_lost_by_the_broker() {
     let dir = tempfile::tempdir().unwrap();
     // Ten-second heartbeats: the fake proplet stays alive through the test.
     let settings = pairs(&[("STORAGE_TYPE", "sqlite"), ("LIVELINESS_INTERVAL", "10s")]);
-    let (mut first, api) = manager(&lab, MANAGER, &settings, dir.path());
-    let mut proplet = FakeProplet::start(&lab);
-    proplet_listed(api, FakeProplet::ID, true, Duration::from_secs(10));
+    let (mut first, api) = start_manager(&lab, MANAGER, &settings, dir.path());
+    let mut proplet = FakeProplet::start(&lab, api);
     let task = json!({"name": "add", "inputs": [3, 4], "image_url": "add.wasm", "proplet_id": FakeProplet::ID});
     let id = start_task(api, task);
     proplet.started(&id, || first.output());
@@ -547,7 +489,7 @@ fn a_result_sent_while_the_manager_is_down_is_lost_by_the_broker() {
     // manager's session is clean, so the broker keeps nothing for it.
     proplet.result(&id);
     proplet.mqtt.listen(Duration::from_millis(500));
-    let (again, api) = manager(&lab, MANAGER, &settings, dir.path());
+    let (again, api) = start_manager(&lab, MANAGER, &settings, dir.path());
     std::thread::sleep(Duration::from_secs(1));
     let (_, task) = request(api, "GET", &format!("/tasks/{id}"), None);
     assert_eq!(
@@ -584,8 +526,8 @@ fn a_result_sent_while_a_persistent_session_manager_is_down_completes_its_task()
         ("MQTT_PERSISTENT_SESSION", "true"),
         ("LOG_LEVEL", "debug"),
     ]);
-    let (mut first, api) = manager(&lab, MANAGER, &settings, dir.path());
-    let mut proplet = FakeProplet::start(&lab);
+    let (mut first, api) = start_manager(&lab, MANAGER, &settings, dir.path());
+    let mut proplet = FakeProplet::start(&lab, api);
     // The fake proplet hears its own results: once it has, the broker has
     // queued them for every subscriber, the absent manager included.
     proplet.mqtt.subscribe(&format!("{TOPIC}/proplet/results"));
@@ -603,7 +545,7 @@ fn a_result_sent_while_a_persistent_session_manager_is_down_completes_its_task()
         |m| m.topic.ends_with("/results") && m.json()["task_id"] == id,
     );
     let began = Instant::now();
-    let (again, api) = manager(&lab, MANAGER, &settings, dir.path());
+    let (again, api) = start_manager(&lab, MANAGER, &settings, dir.path());
     let connected = again.wait_for(CONNECTED, Duration::from_secs(10));
     assert!(connected.contains("session_present=true"), "{connected}");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -655,9 +597,9 @@ fn two_managers_on_one_postgres_one_active_one_standby() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = pg.settings();
     settings.push(("LIVELINESS_INTERVAL".into(), "10s".into()));
-    let (mut active, api_a) = manager(&lab, MANAGER, &settings, dir.path());
+    let (mut active, api_a) = start_manager(&lab, MANAGER, &settings, dir.path());
     store_state(api_a, "ready", Duration::from_secs(10), || active.output());
-    let (standby, api_b) = manager(&lab, UPSTREAM, &settings, dir.path());
+    let (standby, api_b) = start_manager(&lab, UPSTREAM, &settings, dir.path());
     let health = store_state(api_b, "standby", Duration::from_secs(10), || {
         logs(&[("active", &active), ("standby", &standby)])
     });
@@ -671,8 +613,7 @@ fn two_managers_on_one_postgres_one_active_one_standby() {
     let (status, _) = request(api_b, "GET", "/tasks", None);
     assert_eq!(status, 503);
     // The active one works; the standby writes nothing.
-    let mut proplet = FakeProplet::start(&lab);
-    proplet_listed(api_a, FakeProplet::ID, true, Duration::from_secs(10));
+    let mut proplet = FakeProplet::start(&lab, api_a);
     let task = json!({"name": "add", "inputs": [3, 4], "image_url": "add.wasm", "proplet_id": FakeProplet::ID});
     let done = start_task(api_a, task.clone());
     proplet.started(&done, || active.output());
@@ -700,118 +641,7 @@ fn two_managers_on_one_postgres_one_active_one_standby() {
         format!("2|{}", client_id("upstream"))
     );
     // The first manager comes back as the standby.
-    let (back, api_a) = manager(&lab, MANAGER, &settings, dir.path());
+    let (back, api_a) = start_manager(&lab, MANAGER, &settings, dir.path());
     let health = store_state(api_a, "standby", Duration::from_secs(10), || back.output());
     assert_eq!(health["store"]["holder"], client_id("upstream"), "{health}");
-}
-
-/// Tasks created and completed per second, by store, and the store's
-/// share of a task's round trip (`--ignored`: a measurement, not a check).
-#[test]
-#[ignore]
-fn throughput() {
-    let test = "throughput";
-    let Some(bin) = postgres::available(test) else {
-        return;
-    };
-    if !servers_available(test) {
-        return;
-    }
-    let pg = Postgres::start(&bin);
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = dir.path().join("bench.db").display().to_string();
-    let stores: Vec<(&str, Vec<(String, String)>)> = vec![
-        ("memory", pairs(&[("STORAGE_TYPE", "memory")])),
-        (
-            "sqlite",
-            pairs(&[("STORAGE_TYPE", "sqlite"), ("SQLITE_PATH", &sqlite)]),
-        ),
-        ("postgres", pg.settings()),
-    ];
-    for (tasks, clients) in [(300usize, 1usize), (2000, 8)] {
-        println!("\n{tasks} tasks (create, start, add(3,4) on one proplet, result), {clients} client(s) at once");
-        println!(
-            "store     tasks/s   round trip   commits   mean commit   commit time / round trip"
-        );
-        for (name, settings) in &stores {
-            measure(name, settings, tasks, clients, dir.path());
-        }
-    }
-}
-
-/// One line of [`throughput`]'s table.
-fn measure(name: &str, settings: &[(String, String)], tasks: usize, clients: usize, dir: &Path) {
-    let lab = Lab::start();
-    let (manager, api) = manager(&lab, MANAGER, settings, dir);
-    let _proplet = lab.proplet();
-    proplet_listed(api, PROPLET_ID, true, Duration::from_secs(20));
-    // Warm up.
-    finished_task(api, &start_task(api, add_task()), Duration::from_secs(10));
-    let before = store_figures(api);
-    let started = Instant::now();
-    let round_trips: Vec<Duration> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..clients)
-            .map(|_| {
-                scope.spawn(move || {
-                    let mut times = Vec::new();
-                    for _ in 0..tasks / clients {
-                        let began = Instant::now();
-                        let id = start_task(api, add_task());
-                        loop {
-                            let (_, task) =
-                                request(api, "GET", &format!("/tasks/{id}/results"), None);
-                            if task["results"] == "7" {
-                                break;
-                            }
-                            assert!(
-                                began.elapsed() < Duration::from_secs(30),
-                                "task {id} not done"
-                            );
-                            std::thread::sleep(Duration::from_millis(1));
-                        }
-                        times.push(began.elapsed());
-                    }
-                    times
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().unwrap())
-            .collect()
-    });
-    let elapsed = started.elapsed();
-    let after = store_figures(api);
-    let mean = round_trips.iter().sum::<Duration>() / round_trips.len() as u32;
-    let commits = after.0 - before.0;
-    let mean_commit = match commits {
-        0 => 0.0,
-        n => (after.1 - before.1) / n as f64 * 1e3,
-    };
-    // Each task waits for two commits (its creation, its start); its
-    // result is committed off the API's path.
-    let share = 2.0 * mean_commit / (mean.as_secs_f64() * 1e3);
-    println!(
-        "{name:<9} {:>7.0}   {:>7.2} ms   {commits:>7}   {mean_commit:>8.3} ms   {:>5.1} %",
-        round_trips.len() as f64 / elapsed.as_secs_f64(),
-        mean.as_secs_f64() * 1e3,
-        share * 100.0
-    );
-    drop(manager);
-}
-
-/// `propeller_manager_store_writes_total` and `…_write_seconds_total`.
-fn store_figures(api: u16) -> (u64, f64) {
-    let (_, text) = request_text(api, "/metrics");
-    let value = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (
-        value("propeller_manager_store_writes_total") as u64,
-        value("propeller_manager_store_write_seconds_total"),
-    )
 }

@@ -17,6 +17,7 @@ pub mod bridges;
 pub mod children;
 pub mod http;
 pub mod lab;
+pub mod managers;
 pub mod modules;
 pub mod pki;
 pub mod postgres;
