@@ -450,6 +450,83 @@ async fn certificate_rotation_on_sighup_and_broken_files_at_reload() {
     assert!(service.terminate(Duration::from_secs(10)).success());
 }
 
+/// Kubernetes (a Secret volume, cert-manager) never signals: it writes the
+/// new files into a fresh `..<timestamp>` directory and swaps the `..data`
+/// symlink that the visible names point through. The service notices by
+/// itself, and the broker then sees the new certificate: it trusts only
+/// the new CA afterwards, and the service still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_secret_swap_is_picked_up_without_sighup() {
+    if !servers_available("a_kubernetes_secret_swap_is_picked_up_without_sighup") {
+        return;
+    }
+    use std::os::unix::fs::symlink;
+    let pki = Pki::shared();
+    let (proplet, manager) = (pki.identity("proplet"), pki.identity("manager"));
+    let secret = tempfile::tempdir().unwrap();
+    let version = |name: &str, cert: &std::path::Path, key: &std::path::Path| {
+        let dir = secret.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::copy(cert, dir.join("tls.crt")).unwrap();
+        std::fs::copy(key, dir.join("tls.key")).unwrap();
+    };
+    version("..2026_12_07_01", &proplet.cert, &proplet.key);
+    symlink("..2026_12_07_01", secret.path().join("..data")).unwrap();
+    for file in ["tls.crt", "tls.key"] {
+        symlink(format!("..data/{file}"), secret.path().join(file)).unwrap();
+    }
+    let client_ca = secret.path().join("broker-client-ca.pem");
+    let both = std::fs::read_to_string(pki.path("ca.crt")).unwrap()
+        + &std::fs::read_to_string(pki.path("other-ca.crt")).unwrap();
+    std::fs::write(&client_ca, both).unwrap();
+    let mut broker = Mosquitto::start_with(
+        pki,
+        &accounts(&[&proplet, &manager], CHANNEL_TOPICS),
+        BrokerOptions {
+            client_ca: Some(client_ca.clone()),
+            ..Default::default()
+        },
+    );
+    let mut env = Env::new("PROPLET", &proplet);
+    env.mtls(broker.mtls, pki, &proplet)
+        .path("MQTT_TLS_CLIENT_CERT", &secret.path().join("tls.crt"))
+        .path("MQTT_TLS_CLIENT_KEY", &secret.path().join("tls.key"));
+    let mut service = ServiceProcess::start("proplet", &env.vars);
+    service.wait_for(CONNECTED, Duration::from_secs(10));
+
+    // The swap, as the kubelet does it: a new directory, a new link under a
+    // temporary name, renamed over `..data` (atomic).
+    version(
+        "..2026_12_07_02",
+        &pki.path("rotated.crt"),
+        &pki.path("rotated.key"),
+    );
+    symlink("..2026_12_07_02", secret.path().join("..data_tmp")).unwrap();
+    std::fs::rename(
+        secret.path().join("..data_tmp"),
+        secret.path().join("..data"),
+    )
+    .unwrap();
+    let swapped = std::time::Instant::now();
+    service.wait_for(
+        "the TLS files changed on disk: reconnecting with them",
+        Duration::from_secs(30),
+    );
+    service.wait_for_count(CONNECTED, 2, Duration::from_secs(10));
+    println!(
+        "..data swap picked up and reconnected {:.1} s after it",
+        swapped.elapsed().as_secs_f64()
+    );
+    // The broker now trusts only the new CA: the old pair would be refused.
+    std::fs::copy(pki.path("other-ca.crt"), &client_ca).unwrap();
+    broker.restart();
+    service.wait_for_count(CONNECTED, 3, Duration::from_secs(20));
+    let output = service.output();
+    assert!(!output.contains("reloading TLS material"), "{output}");
+    assert!(!output.contains(&proplet.secret), "{output}");
+    assert!(service.terminate(Duration::from_secs(10)).success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_link_is_detected_within_twice_the_keep_alive() {
     if !servers_available("a_half_open_link_is_detected_within_twice_the_keep_alive") {
