@@ -3,12 +3,10 @@
 //! assert the classified [`Failure`] itself; `modes.rs` covers the processes.
 
 use std::net::TcpListener;
-use std::time::Duration;
 
-use propeller_mqtt::{Client, ConnectionState, Failure, Names, Options, Warning};
-use propeller_protocol::{Service, ServiceConfig};
+use propeller_mqtt::{Failure, Names, Warning};
+use propeller_tests::outcomes::{fails, outcome, proplet_options};
 use propeller_tests::{servers_available, Edge, Env, Identity, Mosquitto, Pki};
-use tokio::time::timeout;
 
 const IDENTITIES: [&str; 10] = [
     "proplet",
@@ -44,36 +42,6 @@ impl Lab {
         let identity = self.pki.identity(name);
         (Env::new("PROPLET", &identity), identity)
     }
-}
-
-fn config(env: &Env) -> Options {
-    ServiceConfig::from_vars(Service::Proplet, env.vars.clone())
-        .expect("valid config")
-        .mqtt
-}
-
-/// Starts a client and returns the first outcome: `Ok(())` on CONNACK, or the failure.
-async fn outcome(env: &Env) -> Result<(), Failure> {
-    let (client, _messages) = Client::start(&config(env), vec![]).expect("TLS material loads");
-    let mut state = client.state();
-    let result = timeout(Duration::from_secs(15), async {
-        loop {
-            match &*state.borrow_and_update() {
-                ConnectionState::Connected => return Ok(()),
-                ConnectionState::Retrying { failure, .. } => return Err(failure.clone()),
-                _ => {}
-            }
-            state.changed().await.expect("client alive");
-        }
-    })
-    .await
-    .expect("an outcome within 15 s");
-    client.shutdown().await;
-    result
-}
-
-async fn fails(env: &Env) -> Failure {
-    outcome(env).await.expect_err("the connection should fail")
 }
 
 #[tokio::test]
@@ -185,7 +153,7 @@ async fn expired_client_certificate_warns_then_is_refused() {
     let edge = lab.edge("server");
     let (mut env, identity) = lab.env("expired");
     env.mtls(edge.port, lab.pki, &identity);
-    let setup = config(&env).load_tls().unwrap().unwrap();
+    let setup = proplet_options(&env).load_tls().unwrap().unwrap();
     assert!(
         setup
             .warnings
@@ -208,7 +176,7 @@ async fn cn_mismatch_at_the_edge_closes_before_connack() {
     // whose CN is not the end of the password.
     let (mut env, _) = lab.env("proplet");
     env.mtls(edge.port, lab.pki, &lab.pki.identity("manager"));
-    let setup = config(&env).load_tls().unwrap().unwrap();
+    let setup = proplet_options(&env).load_tls().unwrap().unwrap();
     assert!(
         setup
             .warnings
@@ -320,7 +288,7 @@ async fn ca_directory_and_warnings() {
     // The PKI directory holds keys, CSRs and certificates: only the certificates count.
     env.mtls(lab.broker.mtls, lab.pki, &identity)
         .path("MQTT_TLS_CA_CERT", &lab.pki.dir);
-    let setup = config(&env).load_tls().unwrap().unwrap();
+    let setup = proplet_options(&env).load_tls().unwrap().unwrap();
     let soon = setup
         .warnings
         .iter()
@@ -349,7 +317,7 @@ async fn key_readable_by_others_and_unused_password_warn() {
     env.mtls(8883, pki, &identity)
         .path("MQTT_TLS_CLIENT_KEY", &key)
         .set("MQTT_TLS_CLIENT_KEY_PASSWORD", "unused");
-    let warnings = config(&env).load_tls().unwrap().unwrap().warnings;
+    let warnings = proplet_options(&env).load_tls().unwrap().unwrap().warnings;
     assert!(
         warnings
             .iter()
@@ -370,7 +338,7 @@ async fn key_readable_by_others_and_unused_password_warn() {
 
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     env.set("MQTT_TLS_CLIENT_KEY_PASSWORD", "");
-    let warnings = config(&env).load_tls().unwrap().unwrap().warnings;
+    let warnings = proplet_options(&env).load_tls().unwrap().unwrap().warnings;
     assert!(
         warnings.is_empty(),
         "a healthy identity warns: {warnings:?}"

@@ -19,12 +19,12 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use propeller_mqtt::{Client, ConnectionState, Failure, Names, Options};
-use propeller_protocol::{Service, ServiceConfig};
+use propeller_mqtt::{Client, ConnectionState, Failure, Names};
 use propeller_tests::bridges::{
     transport_available, ProxyRules, Tinyproxy, TlsRouter, Websockify, WsEdge, MQTT_LOCATION,
     UPSTREAM_FILES,
 };
+use propeller_tests::outcomes::{fails, outcome, proplet_options};
 use propeller_tests::{Edge, Env, Identity, Mosquitto, Pki, ServiceProcess, CONNECTED};
 use tokio::time::timeout;
 
@@ -57,36 +57,6 @@ impl Lab {
 
 fn names() -> Names {
     Names::prefixed("PROPLET_")
-}
-
-fn config(env: &Env) -> Options {
-    ServiceConfig::from_vars(Service::Proplet, env.vars.clone())
-        .expect("valid config")
-        .mqtt
-}
-
-/// Starts a client in-process; the first outcome: `Ok(())` on CONNACK, or the failure.
-async fn outcome(env: &Env) -> Result<(), Failure> {
-    let (client, _messages) = Client::start(&config(env), vec![]).expect("config loads");
-    let mut state = client.state();
-    let result = timeout(Duration::from_secs(20), async {
-        loop {
-            match &*state.borrow_and_update() {
-                ConnectionState::Connected => return Ok(()),
-                ConnectionState::Retrying { failure, .. } => return Err(failure.clone()),
-                _ => {}
-            }
-            state.changed().await.expect("client alive");
-        }
-    })
-    .await
-    .expect("an outcome within 20 s");
-    client.shutdown().await;
-    result
-}
-
-async fn fails(env: &Env) -> Failure {
-    outcome(env).await.expect_err("the connection should fail")
 }
 
 /// Runs the proplet binary with `env` (at trace level) until it logs the
@@ -190,7 +160,8 @@ async fn messages_flow_over_websocket() {
         )
         .set("MQTT_QOS", "1");
     let topic = "m/dom/c/chan/transport/ws";
-    let (client, mut messages) = Client::start(&config(&ws), vec![topic.to_owned()]).unwrap();
+    let (client, mut messages) =
+        Client::start(&proplet_options(&ws), vec![topic.to_owned()]).unwrap();
     let mut state = client.state();
     timeout(
         Duration::from_secs(20),

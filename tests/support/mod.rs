@@ -19,6 +19,7 @@ pub mod http;
 pub mod lab;
 pub mod managers;
 pub mod modules;
+pub mod outcomes;
 pub mod pki;
 pub mod postgres;
 pub mod process;
