@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use propeller_mqtt::{Client, ClientError, ConnectionState};
 use propeller_protocol::{Service, ServiceConfig};
 use propeller_tests::{
-    accounts, client_id, publish_once, servers_available, BrokerOptions, Env, Mosquitto, Pki,
-    Relay, ServiceProcess, CHANNEL_TOPICS, CONNECTED, START,
+    accounts, client_id, publish_once, servers_available, BrokerOptions, Env, Identity, Mosquitto,
+    Pki, Relay, ServiceProcess, CHANNEL_TOPICS, CONNECTED, START,
 };
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use tokio::time::timeout;
@@ -370,6 +370,24 @@ async fn no_message_lost_across_broker_kills_mtls() {
     }
 }
 
+/// A broker whose mTLS listener trusts client certificates from both the
+/// test CA and the other CA, as during a rotation, from the file
+/// `client_ca`: write the other CA alone there and restart it to end the
+/// rotation.
+fn broker_during_rotation(pki: &Pki, ids: &[&Identity], client_ca: &std::path::Path) -> Mosquitto {
+    let both = std::fs::read_to_string(pki.path("ca.crt")).unwrap()
+        + &std::fs::read_to_string(pki.path("other-ca.crt")).unwrap();
+    std::fs::write(client_ca, both).unwrap();
+    Mosquitto::start_with(
+        pki,
+        &accounts(ids, CHANNEL_TOPICS),
+        BrokerOptions {
+            client_ca: Some(client_ca.to_owned()),
+            ..Default::default()
+        },
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_rotation_on_sighup_and_broken_files_at_reload() {
     if !servers_available("certificate_rotation_on_sighup_and_broken_files_at_reload") {
@@ -385,18 +403,7 @@ async fn certificate_rotation_on_sighup_and_broken_files_at_reload() {
     );
     std::fs::copy(&proplet.cert, &cert).unwrap();
     std::fs::copy(&proplet.key, &key).unwrap();
-    // During the rotation the broker trusts both CAs.
-    let both = std::fs::read_to_string(pki.path("ca.crt")).unwrap()
-        + &std::fs::read_to_string(pki.path("other-ca.crt")).unwrap();
-    std::fs::write(&client_ca, both).unwrap();
-    let mut broker = Mosquitto::start_with(
-        pki,
-        &accounts(&[&proplet, &manager], CHANNEL_TOPICS),
-        BrokerOptions {
-            client_ca: Some(client_ca.clone()),
-            ..Default::default()
-        },
-    );
+    let mut broker = broker_during_rotation(pki, &[&proplet, &manager], &client_ca);
     let mut env = Env::new("PROPLET", &proplet);
     env.mtls(broker.mtls, pki, &proplet)
         .path("MQTT_TLS_CLIENT_CERT", &cert)
@@ -476,17 +483,7 @@ async fn a_kubernetes_secret_swap_is_picked_up_without_sighup() {
         symlink(format!("..data/{file}"), secret.path().join(file)).unwrap();
     }
     let client_ca = secret.path().join("broker-client-ca.pem");
-    let both = std::fs::read_to_string(pki.path("ca.crt")).unwrap()
-        + &std::fs::read_to_string(pki.path("other-ca.crt")).unwrap();
-    std::fs::write(&client_ca, both).unwrap();
-    let mut broker = Mosquitto::start_with(
-        pki,
-        &accounts(&[&proplet, &manager], CHANNEL_TOPICS),
-        BrokerOptions {
-            client_ca: Some(client_ca.clone()),
-            ..Default::default()
-        },
-    );
+    let mut broker = broker_during_rotation(pki, &[&proplet, &manager], &client_ca);
     let mut env = Env::new("PROPLET", &proplet);
     env.mtls(broker.mtls, pki, &proplet)
         .path("MQTT_TLS_CLIENT_CERT", &secret.path().join("tls.crt"))
