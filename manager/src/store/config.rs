@@ -20,7 +20,7 @@ pub enum StoreConfig {
         path: PathBuf,
     },
     /// A PostgreSQL database.
-    Postgres(PostgresConfig),
+    Postgres(Box<PostgresConfig>),
 }
 
 /// How to reach PostgreSQL.
@@ -133,7 +133,7 @@ impl StoreConfig {
                 var: settings.var("SQLITE_PATH"),
                 path: PathBuf::from(settings.get("SQLITE_PATH").unwrap_or("./propeller.db")),
             },
-            Kind::Postgres => StoreConfig::Postgres(postgres(settings)?),
+            Kind::Postgres => StoreConfig::Postgres(Box::new(postgres(settings)?)),
         })
     }
 }

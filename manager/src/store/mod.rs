@@ -142,7 +142,7 @@ impl Store {
                 (Store::Sqlite(store), Some(snapshot))
             }
             StoreConfig::Postgres(config) => (
-                Store::Postgres(Box::new(Postgres::new(config, holder)?)),
+                Store::Postgres(Box::new(Postgres::new(*config, holder)?)),
                 None,
             ),
         })
