@@ -14,7 +14,12 @@
 //! - two managers on one PostgreSQL: one active, one standby that takes
 //!   over when the active one is killed;
 //! - a result published while the manager is down: lost by the broker
-//!   (clean session), unless a standby manager receives it.
+//!   (clean session), unless a standby manager receives it;
+//! - PostgreSQL over TLS: verify-full with the right CA keeps tasks across a
+//!   SIGKILL (with a client certificate and channel binding); a CA that did
+//!   not sign the server's certificate, `require` against a server without
+//!   TLS, and `disable` against a hostssl-only server are retried with a
+//!   cause that says what to fix.
 //!
 //! `cargo test -p propeller-tests --test store`; the throughput figures come
 //! from a harness: `cargo run --release --example store-bench`.
@@ -28,7 +33,7 @@ use propeller_tests::managers::{
     add_task, is_listed, pairs, proplet_listed, request_text, start_manager,
 };
 use propeller_tests::postgres::{self, Postgres};
-use propeller_tests::{client_id, servers_available, ServiceProcess, CONNECTED};
+use propeller_tests::{client_id, servers_available, Pki, ServiceProcess, CONNECTED};
 use serde_json::{json, Value};
 
 const RUNNING: u64 = 2;
@@ -644,4 +649,155 @@ fn two_managers_on_one_postgres_one_active_one_standby() {
     let (back, api_a) = start_manager(&lab, MANAGER, &settings, dir.path());
     let health = store_state(api_a, "standby", Duration::from_secs(10), || back.output());
     assert_eq!(health["store"]["holder"], client_id("upstream"), "{health}");
+}
+
+/// `settings` and then `tls` (names after `MANAGER_`).
+fn with_tls(settings: &[(String, String)], tls: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut all = settings.to_vec();
+    all.extend(pairs(tls));
+    all
+}
+
+/// Waits until the store is retrying with a failure that contains every
+/// one of `words`; returns the failure.
+fn retrying_with(api: u16, words: &[&str], timeout: Duration, logs: impl Fn() -> String) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, health) = request(api, "GET", "/health", None);
+        assert_eq!(status, 200, "{health}");
+        let failure = health["store"]["failure"].as_str().unwrap_or_default();
+        if health["store"]["state"] == "retrying" && words.iter().all(|w| failure.contains(w)) {
+            return failure.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "store not retrying for {words:?} within {timeout:?}: {health}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn postgres_over_tls_verify_full_keeps_tasks_and_names_an_untrusted_ca() {
+    let test = "postgres_over_tls_verify_full_keeps_tasks_and_names_an_untrusted_ca";
+    let Some(bin) = postgres::available(test) else {
+        return;
+    };
+    if !servers_available(test) {
+        return;
+    }
+    let pki = Pki::shared();
+    let pg = Postgres::start(&bin);
+    pg.enable_ssl(pki);
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = pki.path("ca.crt").display().to_string();
+    let manager_id = pki.identity("manager");
+    let (cert, key) = (
+        manager_id.cert.display().to_string(),
+        manager_id.key.display().to_string(),
+    );
+    // verify-full against 127.0.0.1 (an IP SAN of server.crt), with a client
+    // certificate the server checks against the same CA.
+    let settings = with_tls(
+        &pg.settings(),
+        &[
+            ("POSTGRES_SSLMODE", "verify-full"),
+            ("POSTGRES_SSLROOTCERT", &ca),
+            ("POSTGRES_SSLCERT", &cert),
+            ("POSTGRES_SSLKEY", &key),
+        ],
+    );
+    let restarted = kill_and_restart(&lab, &settings, dir.path(), true);
+    assert_kept(&restarted);
+    // The manager's session is TLS, with our client certificate, and
+    // authenticated with channel binding (SCRAM-SHA-256-PLUS needs it).
+    let session = pg.sql(
+        "postgres",
+        "SELECT s.ssl, s.client_dn IS NOT NULL FROM pg_stat_ssl s \
+         JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'propeller-manager'",
+    );
+    assert_eq!(session, "t|t", "{}", restarted.manager.output());
+    assert!(
+        !restarted.manager.output().contains(&pg.password),
+        "the password is logged"
+    );
+    // A CA that did not sign the server's certificate: retried, named.
+    let other = pki.path("other-ca.crt").display().to_string();
+    let wrong = with_tls(
+        &pg.settings(),
+        &[
+            ("POSTGRES_SSLMODE", "verify-full"),
+            ("POSTGRES_SSLROOTCERT", &other),
+        ],
+    );
+    let (untrusting, api) = start_manager(&lab, UPSTREAM, &wrong, dir.path());
+    let failure = retrying_with(
+        api,
+        &["certificate", "not signed by", &other],
+        Duration::from_secs(20),
+        || untrusting.output(),
+    );
+    println!("untrusted CA: {failure}");
+    assert!(failure.contains("UnknownIssuer"), "{failure}");
+    let (status, answer) = request(api, "POST", "/tasks", Some(&add_task()));
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("certificate"),
+        "{answer}"
+    );
+    let log = untrusting.output();
+    assert!(
+        log.contains("store unavailable") && log.contains("not signed by"),
+        "{log}"
+    );
+}
+
+#[test]
+fn postgres_tls_refusals_say_what_to_fix() {
+    let test = "postgres_tls_refusals_say_what_to_fix";
+    let Some(bin) = postgres::available(test) else {
+        return;
+    };
+    if !servers_available(test) {
+        return;
+    }
+    let pg = Postgres::start(&bin);
+    let lab = Lab::start();
+    let dir = tempfile::tempdir().unwrap();
+    // require against a server with ssl = off.
+    let require = with_tls(&pg.settings(), &[("POSTGRES_SSLMODE", "require")]);
+    let (requiring, api_r) = start_manager(&lab, MANAGER, &require, dir.path());
+    let failure = retrying_with(
+        api_r,
+        &[
+            "server does not support TLS",
+            "ssl = off",
+            "SSLMODE=require",
+        ],
+        Duration::from_secs(20),
+        || requiring.output(),
+    );
+    println!("require, ssl = off: {failure}");
+    // The server gets TLS and takes TCP only over it: plain is refused...
+    pg.enable_ssl(Pki::shared());
+    pg.hostssl_only();
+    let (plain, api_p) = start_manager(&lab, UPSTREAM, &pg.settings(), dir.path());
+    let failure = retrying_with(
+        api_p,
+        &["no pg_hba.conf entry", "only over TLS", "SSLMODE=disable"],
+        Duration::from_secs(20),
+        || plain.output(),
+    );
+    println!("disable, hostssl only: {failure}");
+    assert_eq!(failure.lines().count(), 1, "{failure}");
+    let (status, answer) = request(api_p, "GET", "/tasks", None);
+    assert_eq!(status, 503, "{answer}");
+    // ...and require, which checks no certificate without a CA, gets in.
+    store_state(api_r, "ready", Duration::from_secs(30), || {
+        requiring.output()
+    });
+    let (status, task) = request(api_r, "POST", "/tasks", Some(&add_task()));
+    assert_eq!(status, 201, "{task}");
 }

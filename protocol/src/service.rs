@@ -75,6 +75,9 @@ impl Service {
                 "POSTGRES_PASS",
                 "POSTGRES_DB",
                 "POSTGRES_SSLMODE",
+                "POSTGRES_SSLROOTCERT",
+                "POSTGRES_SSLCERT",
+                "POSTGRES_SSLKEY",
             ],
             Service::Proplet => &[
                 "CONFIG_FILE",

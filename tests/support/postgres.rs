@@ -4,6 +4,11 @@
 //! checked (SCRAM) on TCP; the role `propeller` owns the database
 //! `propeller`. The guard stops the server when dropped.
 //!
+//! TLS: [`Postgres::enable_ssl`] gives the running server the test PKI's
+//! `server.crt` (localhost, 127.0.0.1, signed by `ca.crt`) and turns `ssl`
+//! on; [`Postgres::hostssl_only`] makes TCP connections without TLS
+//! refused. Both reload the server's configuration, no restart.
+//!
 //! As root (CI), the server runs as the `postgres` user, which `initdb`
 //! requires: std's `CommandExt::uid` sets it for the child alone.
 //!
@@ -17,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::servers::listens_on;
-use crate::{children, free_ports, Env};
+use crate::{children, free_ports, Env, Pki};
 
 pub const INSTALL: &str = "apt-get install -y postgresql";
 pub const USER: &str = "propeller";
@@ -193,6 +198,66 @@ impl Postgres {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+    }
+
+    /// Turns TLS on: the PKI's server certificate and key, copied into
+    /// the cluster's directory (the key mode 0600 and the server's, as
+    /// PostgreSQL demands), set in `postgresql.conf` with `ca.crt` as
+    /// `ssl_ca_file` (so the server asks for, and checks, a client
+    /// certificate, which it does not require); then reloads.
+    pub fn enable_ssl(&self, pki: &Pki) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut files = Vec::new();
+        for (name, mode) in [
+            ("server.crt", 0o644),
+            ("server.key", 0o600),
+            ("ca.crt", 0o644),
+        ] {
+            let copy = self.dir.path().join(format!("pg-{name}"));
+            std::fs::copy(pki.path(name), &copy).expect("copy the server's TLS file");
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(mode)).unwrap();
+            if let Some((uid, gid)) = self.owner {
+                std::os::unix::fs::chown(&copy, Some(uid), Some(gid)).unwrap();
+            }
+            files.push(copy);
+        }
+        let conf = self.dir.path().join("data/postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).expect("read postgresql.conf");
+        text.push_str(&format!(
+            "\nssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\nssl_ca_file = '{}'\n",
+            files[0].display(),
+            files[1].display(),
+            files[2].display()
+        ));
+        std::fs::write(&conf, text).unwrap();
+        self.reload();
+        assert_eq!(self.sql("postgres", "SHOW ssl"), "on", "{}", self.log());
+    }
+
+    /// Replaces `pg_hba.conf`: Unix socket trusted, TCP only with TLS
+    /// (`hostssl`, SCRAM), no `host` line; then reloads.
+    pub fn hostssl_only(&self) {
+        std::fs::write(
+            self.dir.path().join("data/pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .unwrap();
+        self.reload();
+    }
+
+    /// Reloads the configuration and waits until new sessions have it.
+    fn reload(&self) {
+        let before = self.sql("postgres", "SELECT pg_conf_load_time()");
+        self.sql("postgres", "SELECT pg_reload_conf()");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.sql("postgres", "SELECT pg_conf_load_time()") == before {
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not reload its configuration; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 

@@ -1,5 +1,6 @@
 //! The store's variables, upstream's names and defaults: which store
-//! (`MANAGER_STORAGE_TYPE`), SQLite's file, PostgreSQL's server.
+//! (`MANAGER_STORAGE_TYPE`), SQLite's file, PostgreSQL's server and how the
+//! connection to it is protected (libpq's `sslmode` and file names).
 
 use std::path::PathBuf;
 
@@ -19,7 +20,7 @@ pub enum StoreConfig {
         path: PathBuf,
     },
     /// A PostgreSQL database.
-    Postgres(PostgresConfig),
+    Postgres(Box<PostgresConfig>),
 }
 
 /// How to reach PostgreSQL.
@@ -36,6 +37,65 @@ pub struct PostgresConfig {
     pub password: String,
     /// The database.
     pub database: String,
+    /// TLS to the server.
+    pub ssl: SslConfig,
+}
+
+/// libpq's `sslmode`, as `MANAGER_POSTGRES_SSLMODE` writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS (upstream's default).
+    Disable,
+    /// TLS if the server offers it, plain otherwise; nothing verified.
+    Prefer,
+    /// TLS or no connection; the certificate is verified only when
+    /// `MANAGER_POSTGRES_SSLROOTCERT` is set (as `verify-ca` then).
+    Require,
+    /// TLS, the server's certificate signed by a trusted CA; any name.
+    VerifyCa,
+    /// TLS, the certificate signed by a trusted CA and valid for
+    /// `MANAGER_POSTGRES_HOST`.
+    VerifyFull,
+}
+
+impl SslMode {
+    /// As the variable writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// A file a variable names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedFile {
+    /// The full variable name, for messages.
+    pub var: String,
+    /// The path as given.
+    pub path: PathBuf,
+}
+
+/// TLS to PostgreSQL: the mode and the files (read when the store is
+/// opened, at startup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SslConfig {
+    /// `MANAGER_POSTGRES_SSLMODE`.
+    pub mode: SslMode,
+    /// `MANAGER_POSTGRES_SSLROOTCERT`: the CA bundle the server's
+    /// certificate is checked against; the system's trust store when unset.
+    pub root_cert: Option<NamedFile>,
+    /// `MANAGER_POSTGRES_SSLCERT` and `MANAGER_POSTGRES_SSLKEY`: a client
+    /// certificate and its key, presented when the server asks.
+    pub client: Option<(NamedFile, NamedFile)>,
+    /// `MANAGER_POSTGRES_HOST`, as `var=value`, for messages.
+    pub host: String,
+    /// `MANAGER_POSTGRES_`, for naming the variables in messages.
+    pub prefix: String,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -46,6 +106,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("user", &self.user)
             .field("password", &"<redacted>")
             .field("database", &self.database)
+            .field("ssl", &self.ssl)
             .finish()
     }
 }
@@ -72,7 +133,7 @@ impl StoreConfig {
                 var: settings.var("SQLITE_PATH"),
                 path: PathBuf::from(settings.get("SQLITE_PATH").unwrap_or("./propeller.db")),
             },
-            Kind::Postgres => StoreConfig::Postgres(postgres(settings)?),
+            Kind::Postgres => StoreConfig::Postgres(Box::new(postgres(settings)?)),
         })
     }
 }
@@ -91,17 +152,69 @@ fn postgres(settings: &Settings) -> Result<PostgresConfig, ConfigError> {
             .filter(|port| *port > 0)
             .ok_or_else(|| "write a port number from 1 to 65535, such as 5432".to_owned())
     })?;
-    settings.parse("POSTGRES_SSLMODE", (), |text| match text.trim() {
-        "disable" => Ok(()),
-        _ => Err("this manager speaks to PostgreSQL without TLS: write disable, and reach the server over a trusted network or its Unix socket (MANAGER_POSTGRES_HOST=/var/run/postgresql)".to_owned()),
-    })?;
     let text = |suffix: &str, default: &str| settings.get(suffix).unwrap_or(default).to_owned();
+    let host = text("POSTGRES_HOST", "localhost");
+    let ssl = ssl(settings, &host)?;
     Ok(PostgresConfig {
-        host: text("POSTGRES_HOST", "localhost"),
+        host,
         port,
         user: text("POSTGRES_USER", "propeller"),
         password: text("POSTGRES_PASS", "propeller"),
         database: text("POSTGRES_DB", "propeller"),
+        ssl,
+    })
+}
+
+fn ssl(settings: &Settings, host: &str) -> Result<SslConfig, ConfigError> {
+    let mode = settings.parse("POSTGRES_SSLMODE", SslMode::Disable, |text| {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "disable" => Ok(SslMode::Disable),
+            "prefer" => Ok(SslMode::Prefer),
+            "require" => Ok(SslMode::Require),
+            "verify-ca" => Ok(SslMode::VerifyCa),
+            "verify-full" => Ok(SslMode::VerifyFull),
+            "allow" => Err("allow (plain first, TLS if the server insists) is not supported: write prefer, or disable".to_owned()),
+            _ => Err("write disable (the default), prefer, require, verify-ca or verify-full, as libpq's sslmode".to_owned()),
+        }
+    })?;
+    let file = |suffix: &str| {
+        settings.get(suffix).map(|path| NamedFile {
+            var: settings.var(suffix),
+            path: PathBuf::from(path),
+        })
+    };
+    let client = match (file("POSTGRES_SSLCERT"), file("POSTGRES_SSLKEY")) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(set), None) | (None, Some(set)) => {
+            let unset = match set.var.ends_with("SSLCERT") {
+                true => settings.var("POSTGRES_SSLKEY"),
+                false => settings.var("POSTGRES_SSLCERT"),
+            };
+            return Err(ConfigError::HalfClientIdentity {
+                set: set.var,
+                unset,
+            });
+        }
+    };
+    // verify-full checks the certificate against the host: it must be a
+    // name or an address a certificate can hold. (A Unix socket has no TLS.)
+    if mode == SslMode::VerifyFull
+        && !host.starts_with('/')
+        && rustls::pki_types::ServerName::try_from(host).is_err()
+    {
+        return Err(ConfigError::Invalid {
+            var: settings.var("POSTGRES_HOST"),
+            value: host.to_owned(),
+            problem: "verify-full checks the server's certificate against this name, and it is neither a DNS name nor an IP address: write the name the certificate lists".to_owned(),
+        });
+    }
+    Ok(SslConfig {
+        mode,
+        root_cert: file("POSTGRES_SSLROOTCERT"),
+        client,
+        host: format!("{}={host}", settings.var("POSTGRES_HOST")),
+        prefix: settings.var("POSTGRES_"),
     })
 }
 
@@ -185,11 +298,109 @@ mod tests {
         assert!(port.starts_with("MANAGER_POSTGRES_PORT=\"0\""), "{port}");
         let tls = message(&[
             ("MANAGER_STORAGE_TYPE", "postgres"),
-            ("MANAGER_POSTGRES_SSLMODE", "require"),
+            ("MANAGER_POSTGRES_SSLMODE", "verify_full"),
         ]);
         assert!(
-            tls.starts_with("MANAGER_POSTGRES_SSLMODE=\"require\""),
+            tls.starts_with("MANAGER_POSTGRES_SSLMODE=\"verify_full\" is not valid")
+                && tls.contains("verify-full"),
             "{tls}"
         );
+        let allow = message(&[
+            ("MANAGER_STORAGE_TYPE", "postgres"),
+            ("MANAGER_POSTGRES_SSLMODE", "allow"),
+        ]);
+        assert!(allow.contains("prefer"), "{allow}");
+    }
+
+    fn ssl(vars: &[(&str, &str)]) -> Result<SslConfig, ConfigError> {
+        let mut all = vec![("MANAGER_STORAGE_TYPE", "postgres")];
+        all.extend_from_slice(vars);
+        match config(&all)? {
+            StoreConfig::Postgres(pg) => Ok(pg.ssl),
+            other => panic!("not postgres: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn sslmode_takes_libpqs_modes_and_defaults_to_disable() {
+        assert_eq!(ssl(&[]).unwrap().mode, SslMode::Disable);
+        for (text, mode) in [
+            ("disable", SslMode::Disable),
+            ("prefer", SslMode::Prefer),
+            ("require", SslMode::Require),
+            ("verify-ca", SslMode::VerifyCa),
+            ("verify-full", SslMode::VerifyFull),
+            (" Verify-Full ", SslMode::VerifyFull),
+        ] {
+            let ssl = ssl(&[("MANAGER_POSTGRES_SSLMODE", text)]).unwrap();
+            assert_eq!(ssl.mode, mode, "{text}");
+            assert_eq!(mode.name(), text.trim().to_ascii_lowercase());
+        }
+        let ssl = ssl(&[
+            ("MANAGER_POSTGRES_SSLMODE", "verify-ca"),
+            ("MANAGER_POSTGRES_SSLROOTCERT", "/etc/pg/ca.crt"),
+            ("MANAGER_POSTGRES_SSLCERT", "/etc/pg/client.crt"),
+            ("MANAGER_POSTGRES_SSLKEY", "/etc/pg/client.key"),
+        ])
+        .unwrap();
+        let root = ssl.root_cert.unwrap();
+        assert_eq!(
+            (root.var.as_str(), root.path),
+            (
+                "MANAGER_POSTGRES_SSLROOTCERT",
+                PathBuf::from("/etc/pg/ca.crt")
+            )
+        );
+        let (cert, key) = ssl.client.unwrap();
+        assert_eq!(cert.var, "MANAGER_POSTGRES_SSLCERT");
+        assert_eq!(key.path, PathBuf::from("/etc/pg/client.key"));
+    }
+
+    #[test]
+    fn a_half_client_identity_names_both_variables() {
+        let half = ssl(&[
+            ("MANAGER_POSTGRES_SSLMODE", "require"),
+            ("MANAGER_POSTGRES_SSLCERT", "/etc/pg/client.crt"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            half.starts_with("MANAGER_POSTGRES_SSLCERT is set but MANAGER_POSTGRES_SSLKEY is not"),
+            "{half}"
+        );
+        let half = ssl(&[("MANAGER_POSTGRES_SSLKEY", "/etc/pg/client.key")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            half.starts_with("MANAGER_POSTGRES_SSLKEY is set but MANAGER_POSTGRES_SSLCERT is not"),
+            "{half}"
+        );
+    }
+
+    #[test]
+    fn verify_full_needs_a_host_a_certificate_can_name() {
+        for host in ["db.example.com", "127.0.0.1", "::1", "/var/run/postgresql"] {
+            ssl(&[
+                ("MANAGER_POSTGRES_SSLMODE", "verify-full"),
+                ("MANAGER_POSTGRES_HOST", host),
+            ])
+            .unwrap_or_else(|e| panic!("{host}: {e}"));
+        }
+        let bad = ssl(&[
+            ("MANAGER_POSTGRES_SSLMODE", "verify-full"),
+            ("MANAGER_POSTGRES_HOST", "db host"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.starts_with("MANAGER_POSTGRES_HOST=\"db host\" is not valid: verify-full"),
+            "{bad}"
+        );
+        // Other modes do not check the name.
+        ssl(&[
+            ("MANAGER_POSTGRES_SSLMODE", "verify-ca"),
+            ("MANAGER_POSTGRES_HOST", "db host"),
+        ])
+        .unwrap();
     }
 }

@@ -18,6 +18,7 @@
 mod config;
 mod memory;
 mod postgres;
+mod postgres_tls;
 mod records;
 mod schema;
 mod sqlite;
@@ -127,7 +128,9 @@ impl Store {
     ///
     /// [`ConfigError::Invalid`] for a bad variable; [`ConfigError::Material`] naming
     /// `MANAGER_SQLITE_PATH` and the path for a file that cannot be opened,
-    /// is corrupt, is locked by another manager, or has a newer schema.
+    /// is corrupt, is locked by another manager, or has a newer schema; the
+    /// same for PostgreSQL's TLS files (`MANAGER_POSTGRES_SSLROOTCERT`,
+    /// `_SSLCERT`, `_SSLKEY`), read here.
     pub fn open(
         settings: &Settings,
         holder: &str,
@@ -139,7 +142,7 @@ impl Store {
                 (Store::Sqlite(store), Some(snapshot))
             }
             StoreConfig::Postgres(config) => (
-                Store::Postgres(Box::new(Postgres::new(config, holder))),
+                Store::Postgres(Box::new(Postgres::new(*config, holder)?)),
                 None,
             ),
         })

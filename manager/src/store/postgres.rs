@@ -11,16 +11,22 @@
 //! lock back after losing its connection knows whether anyone wrote in the
 //! meantime, and reads the store again if so.
 //!
-//! The connection is plain TCP (or the server's Unix socket): no TLS.
+//! The connection is TCP, with TLS as `MANAGER_POSTGRES_SSLMODE` says
+//! (`postgres_tls.rs`), or the server's Unix socket, which has no TLS (as
+//! libpq, sslmode does not apply there).
 
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use propeller_mqtt::ConfigError;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Connection, NoTls, Statement};
 use tracing::debug;
 
+use super::config::{SslConfig, SslMode};
+use super::postgres_tls::MakeRustls;
 use super::records::{self, PropletRow, TaskRow, PROPLET_COLUMNS, TASK_COLUMNS};
 use super::{schema, Batch, Opened, PostgresConfig, Repository, Snapshot, StoreError};
 use crate::tasks::Task;
@@ -33,6 +39,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A PostgreSQL store, connected or not.
 pub struct Postgres {
     config: tokio_postgres::Config,
+    /// TLS, unless `disable` (or a Unix socket).
+    tls: Option<MakeRustls>,
+    /// How TLS was asked for, to explain refusals.
+    ssl: SslConfig,
     location: String,
     /// Who this manager is, as other managers see it in `store_owner`.
     holder: String,
@@ -52,9 +62,20 @@ struct Session {
 }
 
 impl Postgres {
-    /// A store on the server `config` names; nothing is connected yet.
-    /// `holder` names this manager to the others.
-    pub fn new(config: PostgresConfig, holder: &str) -> Self {
+    /// A store on the server `config` names; nothing is connected yet,
+    /// but the TLS files are read. `holder` names this manager to the
+    /// others.
+    ///
+    /// # Errors
+    ///
+    /// A TLS file that cannot be read or used, naming its variable.
+    pub fn new(config: PostgresConfig, holder: &str) -> Result<Self, ConfigError> {
+        let mut ssl = config.ssl.clone();
+        // As libpq: a Unix socket has no TLS, whatever sslmode says.
+        if config.host.starts_with('/') {
+            ssl.mode = SslMode::Disable;
+        }
+        let tls = MakeRustls::load(&ssl)?;
         let mut pg = tokio_postgres::Config::new();
         pg.host(&config.host)
             .port(config.port)
@@ -64,14 +85,23 @@ impl Postgres {
             .application_name("propeller-manager")
             .connect_timeout(CONNECT_TIMEOUT)
             .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30));
-        Self {
+            .keepalives_idle(Duration::from_secs(30))
+            .ssl_mode(match ssl.mode {
+                SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+                SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+                SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                    tokio_postgres::config::SslMode::Require
+                }
+            });
+        Ok(Self {
             config: pg,
+            tls,
+            ssl,
             location: format!("{}:{}/{}", config.host, config.port, config.database),
             holder: holder.to_owned(),
             epoch: None,
             session: None,
-        }
+        })
     }
 
     /// `host:port/database`.
@@ -80,13 +110,21 @@ impl Postgres {
     }
 
     async fn connect(&self) -> Result<Client, StoreError> {
-        let (client, connection) = self.config.connect(NoTls).await.map_err(failed)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                debug!(%error, "PostgreSQL connection ended");
-            }
-        });
-        Ok(client)
+        let connected = match &self.tls {
+            Some(tls) => self
+                .config
+                .connect(tls.clone())
+                .await
+                .map(|(client, connection)| (client, drive(connection))),
+            None => self
+                .config
+                .connect(NoTls)
+                .await
+                .map(|(client, connection)| (client, drive(connection))),
+        };
+        connected
+            .map(|(client, ())| client)
+            .map_err(|error| refused(failed(error), &self.ssl))
     }
 
     /// Connects and takes the lock; then the schema, the epoch, and the
@@ -150,6 +188,41 @@ fn failed(error: tokio_postgres::Error) -> StoreError {
         cause = inner.source();
     }
     StoreError::Unavailable(line)
+}
+
+/// Runs a connection until it ends.
+fn drive<S, T>(connection: Connection<S, T>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(%error, "PostgreSQL connection ended");
+        }
+    });
+}
+
+/// A connection refused for want of TLS on one side, with what to do.
+fn refused(error: StoreError, ssl: &SslConfig) -> StoreError {
+    let StoreError::Unavailable(line) = error else {
+        return error;
+    };
+    let mode = format!("{}SSLMODE", ssl.prefix);
+    let hint = if line.contains("server does not support TLS") {
+        format!(
+            "the server has TLS turned off (ssl = off), and {mode}={} requires it: turn ssl on in the server's postgresql.conf, or write {mode}=disable",
+            ssl.mode.name()
+        )
+    } else if line.contains("no encryption") || line.contains("SSL off") {
+        format!(
+            "the server accepts this connection only over TLS (a hostssl line in pg_hba.conf), and {mode}={} does not use it: write {mode}=require or verify-full",
+            ssl.mode.name()
+        )
+    } else {
+        return StoreError::Unavailable(line);
+    };
+    StoreError::Unavailable(format!("{line}: {hint}"))
 }
 
 fn now_ns() -> i64 {
@@ -407,5 +480,57 @@ impl Repository for Postgres {
             self.session = None;
             failed(error)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ssl(mode: SslMode) -> SslConfig {
+        SslConfig {
+            mode,
+            root_cert: None,
+            client: None,
+            host: "MANAGER_POSTGRES_HOST=db".to_owned(),
+            prefix: "MANAGER_POSTGRES_".to_owned(),
+        }
+    }
+
+    #[test]
+    fn refusals_for_want_of_tls_say_what_to_do() {
+        let line = |cause: &str, mode| match refused(
+            StoreError::Unavailable(cause.to_owned()),
+            &ssl(mode),
+        ) {
+            StoreError::Unavailable(line) => line,
+            other => panic!("{other:?}"),
+        };
+        let off = line(
+            "error performing TLS handshake: server does not support TLS",
+            SslMode::Require,
+        );
+        assert!(
+            off.ends_with("MANAGER_POSTGRES_SSLMODE=require requires it: turn ssl on in the server's postgresql.conf, or write MANAGER_POSTGRES_SSLMODE=disable"),
+            "{off}"
+        );
+        let only_tls = line(
+            "db error: FATAL: no pg_hba.conf entry for host \"127.0.0.1\", user \"propeller\", database \"propeller\", no encryption",
+            SslMode::Disable,
+        );
+        assert!(
+            only_tls.contains("only over TLS")
+                && only_tls.contains("MANAGER_POSTGRES_SSLMODE=disable does not use it"),
+            "{only_tls}"
+        );
+        let other = line(
+            "error connecting to server: Connection refused",
+            SslMode::Disable,
+        );
+        assert_eq!(other, "error connecting to server: Connection refused");
+        assert_eq!(
+            refused(StoreError::Taken("m".into()), &ssl(SslMode::Disable)),
+            StoreError::Taken("m".into())
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! accept them. So we build the `CertifiedKey` ourselves, check that the key
 //! matches with x509-parser, and present it through our own resolver.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -49,12 +50,21 @@ impl ClientIdentity {
     ) -> Result<Self, ConfigError> {
         let cert_file = PemFile::read(names.var("MQTT_TLS_CLIENT_CERT"), &files.cert)?;
         let key_file = PemFile::read(names.var("MQTT_TLS_CLIENT_KEY"), &files.key)?;
-        let chain = cert_file.certificates()?;
         let password_var = names.var("MQTT_TLS_CLIENT_KEY_PASSWORD");
         let password = files
             .key_password
             .as_ref()
             .map(|p| (p, password_var.as_str()));
+        Self::from_files(&cert_file, &key_file, password, provider)
+    }
+
+    fn from_files(
+        cert_file: &PemFile,
+        key_file: &PemFile,
+        password: Option<(&Secret, &str)>,
+        provider: &CryptoProvider,
+    ) -> Result<Self, ConfigError> {
+        let chain = cert_file.certificates()?;
         let (key, key_form) = key_file.private_key(password)?;
 
         let signing_key = provider.key_provider.load_private_key(key).map_err(|e| {
@@ -62,7 +72,7 @@ impl ClientIdentity {
                 "the key is not usable for TLS ({e}): use an RSA (2048 bits or more) or ECDSA P-256/P-384/P-521 key"
             ))
         })?;
-        let leaf = parse_certificate(&cert_file, &chain[0])?;
+        let leaf = parse_certificate(cert_file, &chain[0])?;
         let key_matches = signing_key
             .public_key()
             .is_some_and(|public| public.as_ref() == leaf.tbs_certificate.subject_pki.raw);
@@ -151,6 +161,36 @@ fn parse_certificate<'a>(
     X509Certificate::from_der(der.as_ref())
         .map(|(_, cert)| cert)
         .map_err(|e| file.problem(format!("the first certificate is not valid X.509 ({e})")))
+}
+
+/// A client certificate and its key for a TLS client other than MQTT's
+/// (the manager's PostgreSQL store), read and checked as
+/// `<P>_MQTT_TLS_CLIENT_CERT` and `_KEY` are: X.509 v1 accepted, the key
+/// matched to the certificate; presented whenever the server asks. An
+/// encrypted key is refused: there is no password variable for it.
+///
+/// # Errors
+///
+/// A file that cannot be read or holds no certificate or key, an encrypted
+/// key, or a key that does not match the certificate, naming the variable
+/// and the path.
+pub fn client_certificate(
+    cert_var: String,
+    cert: &Path,
+    key_var: String,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<Arc<dyn ResolvesClientCert>, ConfigError> {
+    let cert_file = PemFile::read(cert_var, cert)?;
+    let key_file = PemFile::read(key_var, key)?;
+    if key_file.contains("ENCRYPTED") {
+        return Err(key_file.problem(
+            "the key is encrypted, and there is no password variable for it: write it decrypted \
+             (openssl pkey -in ENCRYPTED.key -out PLAIN.key) and make it readable by this service alone (chmod 600)",
+        ));
+    }
+    let identity = ClientIdentity::from_files(&cert_file, &key_file, None, provider)?;
+    Ok(Arc::new(PresentCertificate(identity.certified)))
 }
 
 /// Seconds since the Unix epoch, as certificates count time.

@@ -18,9 +18,9 @@ use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, RootCertStore};
 
-pub use identity::days_until;
 pub(crate) use identity::unix_now;
 pub use identity::CertificateFacts;
+pub use identity::{client_certificate, days_until};
 pub use pem::KeyForm;
 
 use crate::{ConfigError, Names, Secret, TlsSettings, Warning};

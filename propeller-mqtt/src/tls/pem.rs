@@ -77,7 +77,7 @@ impl PemFile {
         }
     }
 
-    fn contains(&self, needle: &str) -> bool {
+    pub fn contains(&self, needle: &str) -> bool {
         self.bytes
             .windows(needle.len())
             .any(|window| window == needle.as_bytes())
