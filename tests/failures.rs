@@ -356,10 +356,9 @@ async fn plain_mqtt_to_upstreams_x509_edge_is_explained() {
     }
     let lab = Lab::start();
     let Some((_edge, plain)) = Edge::upstream_x509(lab.pki, lab.broker.plain) else {
-        println!("plain_mqtt_to_upstreams_x509_edge_is_explained: SKIPPED, no ../shared/upstream");
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI requires ../shared/upstream"
+        propeller_tests::skips::skip(
+            "plain_mqtt_to_upstreams_x509_edge_is_explained",
+            "no upstream tree at ../shared/upstream/propeller-v0.5.0",
         );
         return;
     };

@@ -48,14 +48,13 @@ pub fn transport_available(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let message = format!(
-        "{test}: SKIPPED, missing {}; install with: {INSTALL_TRANSPORT}",
-        missing.join(", ")
+    crate::skips::skip(
+        test,
+        &format!(
+            "missing {}; install with: {INSTALL_TRANSPORT}",
+            missing.join(", ")
+        ),
     );
-    if std::env::var_os("CI").is_some() {
-        panic!("{message} (CI requires them)");
-    }
-    crate::skips::record(&message);
     false
 }
 

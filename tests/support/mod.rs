@@ -69,17 +69,10 @@ pub fn servers_available(test: &str) -> bool {
     if missing.is_empty() {
         return true;
     }
-    let message = format!(
-        "{test}: SKIPPED, missing {}; install with: {INSTALL}",
-        missing.join(", ")
+    skips::skip(
+        test,
+        &format!("missing {}; install with: {INSTALL}", missing.join(", ")),
     );
-    if std::env::var_os("CI").is_some() {
-        panic!("{message} (CI requires them)");
-    }
-    // Straight to the process's stderr, which the test harness does not
-    // capture, and counted: a run without the servers must not pass for a
-    // full one.
-    skips::record(&message);
     false
 }
 

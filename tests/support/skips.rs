@@ -17,9 +17,20 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+/// Skips `test` for want of what `why` says (and how to install it): under
+/// CI, where every end-to-end test must run, panics instead; otherwise
+/// [`record`]s it.
+pub fn skip(test: &str, why: &str) {
+    let message = format!("{test}: SKIPPED, {why}");
+    if std::env::var_os("CI").is_some() {
+        panic!("{message} (CI requires it)");
+    }
+    record(&message);
+}
+
 /// Prints `message` (a test's name and why it is skipped) on stderr with the
-/// count so far, and records it for the summary. The caller panics instead
-/// under CI.
+/// count so far, and records it for the summary. [`skip`] is the way in for
+/// a test; this one never panics.
 pub fn record(message: &str) {
     static LOCK: Mutex<()> = Mutex::new(());
     let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
