@@ -81,7 +81,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event as RawEvent, EventLoop, Incoming,
-    MqttOptions, Outgoing, PubRel, Publish, Request, StateError, SubscribeFilter,
+    MqttOptions, NetworkOptions, Outgoing, PubRel, Publish, Request, StateError, SubscribeFilter,
     SubscribeReasonCode,
 };
 
@@ -100,9 +100,22 @@ pub(crate) fn open(
     tls: Option<&TlsSetup>,
     capacity: usize,
 ) -> (Session, Requests) {
-    let (client, eventloop) =
+    let (client, mut eventloop) =
         AsyncClient::new(mqtt_options(config, &config.brokers[0], tls), capacity);
+    eventloop.set_network_options(network_options(config));
     (Session { eventloop }, Requests::new(client))
+}
+
+/// rumqttc bounds each connection attempt, and each write, by its own
+/// whole-second timeout (5 s unless told): it gets `P_MQTT_TIMEOUT`, rounded
+/// up, so that neither cuts an attempt that ours ([`Session::connect`])
+/// still allows, and a write gets what the configuration says.
+fn network_options(config: &Options) -> NetworkOptions {
+    let timeout = config.connect_timeout;
+    let seconds = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+    let mut options = NetworkOptions::new();
+    options.set_connection_timeout(seconds.max(1));
+    options
 }
 
 /// rumqttc's options for one broker of the list.
@@ -242,6 +255,7 @@ impl Session {
     /// The broker and TLS material of the next connection.
     pub fn configure(&mut self, config: &Options, broker: &BrokerAddress, tls: Option<&TlsSetup>) {
         self.eventloop.mqtt_options = mqtt_options(config, broker, tls);
+        self.eventloop.set_network_options(network_options(config));
     }
 
     /// One connection attempt (TCP, TLS, CONNECT, CONNACK) within `limit`
@@ -695,6 +709,22 @@ mod tests {
             let options = mqtt_options(&config, broker, None);
             assert!(options.socket_connector().is_some(), "{broker}");
         }
+    }
+
+    /// rumqttc's whole-second timeout never cuts an attempt ours allows:
+    /// `P_MQTT_TIMEOUT` rounded up, at open and at every reconfiguration.
+    #[tokio::test]
+    async fn rumqttc_waits_as_long_as_the_connect_timeout() {
+        let config = Options::new("tcp://a:1883,tcp://b:1883", "p", Secret::new("k"))
+            .unwrap()
+            .with_connect_timeout(Duration::from_millis(12_500));
+        let (mut session, _requests) = open(&config, None, 8);
+        assert_eq!(session.eventloop.network_options().connection_timeout(), 13);
+        let longer = config.clone().with_connect_timeout(Duration::from_secs(30));
+        session.configure(&longer, &longer.brokers[1], None);
+        assert_eq!(session.eventloop.network_options().connection_timeout(), 30);
+        let short = config.with_connect_timeout(Duration::from_millis(200));
+        assert_eq!(network_options(&short).connection_timeout(), 1);
     }
 
     /// Our size check agrees with the one rumqttc applies when writing, at
