@@ -79,6 +79,9 @@ fn a_killed_publisher_sends_what_it_accepted_after_a_restart() {
         .collect()
     };
 
+    // Built first (the first call runs cargo), so that the figure below is
+    // the publisher's.
+    propeller_tests::process::binary("examples/durable");
     let started = Instant::now();
     let mut first = ServiceProcess::start("examples/durable", &env(MESSAGES));
     first.wait_for(&format!("durable: published {MESSAGES}"), HANG);

@@ -29,11 +29,15 @@
 //! 3. the directory is `fsync`ed, making the new name durable.
 //!
 //! Steps 1 and 2 are per message; step 3 is per batch: the writer thread
-//! takes every message queued while it was busy (up to [`BATCH`]), does 1
-//! and 2 for each, then one directory `fsync` for all, and only then lets
-//! their `publish` calls return. One publisher awaiting each `publish` in
-//! turn pays two syncs per message; concurrent publishers share the
-//! directory's.
+//! takes every message queued while it was busy (up to [`BATCH`]), writes
+//! all their files, `fdatasync`s each, renames each, then does one
+//! directory `fsync` for all, and only then lets their `publish` calls
+//! return. One publisher awaiting each `publish` in turn pays two syncs per
+//! message; concurrent publishers share the directory's, and their file
+//! syncs cost less when they follow the writes of the whole batch (measured
+//! in BENCHMARKS.md, "Disk outbox"). A batch holds at most [`BATCH`] files
+//! open. Removals queued meanwhile are done after the batch's syncs, so
+//! that they do not delay a `publish`.
 //!
 //! Removal after the broker's acknowledgement (PUBACK, PUBCOMP) is an
 //! `unlink` without `fsync`: after a power loss an acknowledged message may
@@ -62,7 +66,7 @@ pub(crate) const LOCK_FILE: &str = "outbox.lock";
 /// Written and removed at startup to prove the directory is writable.
 const PROBE_FILE: &str = "outbox.probe";
 /// The most messages the writer takes for one directory `fsync`.
-pub(crate) const BATCH: usize = 256;
+pub(crate) const BATCH: usize = 64;
 
 /// The outbox directory, locked by this process until dropped.
 #[derive(Debug)]
@@ -341,25 +345,36 @@ impl Directory {
         }
     }
 
-    /// Writes message `seq` (`bytes` from [`record::encode`]): a temporary
-    /// file, `fdatasync`, rename. Durable once [`Directory::sync`] returns.
-    pub fn write(&self, seq: u64, bytes: &[u8]) -> io::Result<()> {
-        let partial = self.file(&format!("{seq:0SEQ_DIGITS$}.tmp"));
-        let written = OpenOptions::new()
+    /// Writes message `seq` (`bytes` from [`record::encode`]) to its
+    /// temporary file, not synced yet: step 1 of the policy, without its
+    /// `fdatasync`, which [`Partial::sync`] does.
+    pub fn create(&self, seq: u64, bytes: &[u8]) -> io::Result<Partial> {
+        let path = self.file(&format!("{seq:0SEQ_DIGITS$}.tmp"));
+        let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&partial)
-            .and_then(|mut file| {
-                file.write_all(bytes)?;
-                file.sync_data()
-            })
-            .and_then(|()| fs::rename(&partial, self.file(&message_name(seq))));
-        if written.is_err() {
-            let _ = fs::remove_file(&partial);
+            .open(&path);
+        let partial = Partial {
+            seq,
+            path,
+            file: file?,
+        };
+        match (&partial.file).write_all(bytes) {
+            Ok(()) => Ok(partial),
+            Err(e) => {
+                partial.abandon();
+                Err(e)
+            }
         }
-        written
+    }
+
+    /// Writes message `seq` and gives it its name: steps 1 and 2 of the
+    /// policy. Durable once [`Directory::sync`] returns.
+    #[cfg(test)]
+    pub fn write(&self, seq: u64, bytes: &[u8]) -> io::Result<()> {
+        self.create(seq, bytes)?.sync()?.name(self)
     }
 
     /// Makes the names of the messages written so far durable.
@@ -373,6 +388,42 @@ impl Directory {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+}
+
+/// A message being written: its temporary file.
+#[derive(Debug)]
+pub(crate) struct Partial {
+    seq: u64,
+    path: PathBuf,
+    file: File,
+}
+
+impl Partial {
+    /// `fdatasync`s the file (step 1); on failure nothing of it is left.
+    pub fn sync(self) -> io::Result<Partial> {
+        match self.file.sync_data() {
+            Ok(()) => Ok(self),
+            Err(e) => {
+                self.abandon();
+                Err(e)
+            }
+        }
+    }
+
+    /// Renames the synced file to `<seq>.msg` (step 2); on failure nothing
+    /// of it is left.
+    pub fn name(self, directory: &Directory) -> io::Result<()> {
+        let named = fs::rename(&self.path, directory.file(&message_name(self.seq)));
+        if named.is_err() {
+            self.abandon();
+        }
+        named
+    }
+
+    /// Removes the temporary file: the message is not stored.
+    pub fn abandon(self) {
+        let _ = fs::remove_file(&self.path);
     }
 }
 

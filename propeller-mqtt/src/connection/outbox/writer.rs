@@ -1,5 +1,5 @@
 //! The thread that owns the outbox directory: it writes new messages
-//! (one directory `fsync` per batch, see [`super::dir`]), puts each in the
+//! (in batches, one directory `fsync` each: see [`super::dir`]), puts each in the
 //! outbox once it is durable, and removes the acknowledged ones. A thread of
 //! its own, so that the async runtime never waits on the disk; one thread,
 //! so that jobs run in the order given: a message's removal is queued only
@@ -13,7 +13,11 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::dir::{Directory, BATCH};
+use super::dir::{Directory, Partial, BATCH};
+
+/// The most removals taken with one batch: they are quick, but unbounded
+/// they would hold up the writes queued behind them.
+const REMOVALS: usize = 1024;
 use super::record;
 use crate::connection::{lock, Shared};
 use crate::{ClientError, QoS};
@@ -85,36 +89,39 @@ fn run(directory: Directory, queue: mpsc::Receiver<Job>, shared: Weak<Mutex<Shar
     while let Ok(first) = queue.recv() {
         // Everything queued meanwhile, for one directory fsync.
         let mut writes = Vec::new();
+        let mut removals = Vec::new();
         let mut close = None;
         let mut next = Some(first);
         while let Some(job) = next {
             match job {
                 Job::Write(write) => writes.push(write),
-                Job::Remove(id) => {
-                    if let Err(e) = directory.remove(id) {
-                        // Once: a broken disk would say it for every message.
-                        if !removal_failed {
-                            warn!(
-                                dir = %directory.path().display(),
-                                error = %e,
-                                "cannot remove an acknowledged message from the outbox directory: \
-                                 it will be sent again after a restart"
-                            );
-                            removal_failed = true;
-                        }
-                    }
-                }
+                Job::Remove(id) => removals.push(id),
                 Job::Close(done) => {
                     close = Some(done);
                     break;
                 }
             }
-            next = match writes.len() < BATCH {
+            next = match writes.len() < BATCH && removals.len() < REMOVALS {
                 true => queue.try_recv().ok(),
                 false => None,
             };
         }
         store(&directory, writes, &shared);
+        // After the writes: a `publish` waits for those, nobody for these.
+        for id in removals {
+            if let Err(e) = directory.remove(id) {
+                // Once: a broken disk would say it for every message.
+                if !removal_failed {
+                    warn!(
+                        dir = %directory.path().display(),
+                        error = %e,
+                        "cannot remove an acknowledged message from the outbox directory: \
+                         it will be sent again after a restart"
+                    );
+                    removal_failed = true;
+                }
+            }
+        }
         if let Some(done) = close {
             // What raced with the shutdown is refused (its `publish` hears
             // that the client is closed), and the lock released (with
@@ -143,21 +150,34 @@ fn store(directory: &Directory, writes: Vec<Write>, shared: &Weak<Mutex<Shared>>
     if writes.is_empty() {
         return;
     }
-    let mut outcomes: Vec<(Write, io::Result<()>)> = writes
+    // Every file written, then each synced, then each named: the syncs
+    // that follow the writes of the whole batch cost less.
+    let written: Vec<(Write, io::Result<Partial>)> = writes
         .into_iter()
         .map(|write| {
             let bytes = record::encode(write.id, &write.topic, &write.payload, write.qos);
-            let written = directory.write(write.id, &bytes);
-            (write, written)
+            let partial = directory.create(write.id, &bytes);
+            (write, partial)
         })
         .collect();
-    if outcomes.iter().any(|(_, written)| written.is_ok()) {
+    let synced: Vec<(Write, io::Result<Partial>)> = written
+        .into_iter()
+        .map(|(write, partial)| (write, partial.and_then(Partial::sync)))
+        .collect();
+    let mut outcomes: Vec<(Write, io::Result<()>)> = synced
+        .into_iter()
+        .map(|(write, partial)| {
+            let named = partial.and_then(|partial| partial.name(directory));
+            (write, named)
+        })
+        .collect();
+    if outcomes.iter().any(|(_, named)| named.is_ok()) {
         if let Err(e) = directory.sync() {
             // Not durable: not stored, whatever the files say.
-            for (write, written) in &mut outcomes {
-                if written.is_ok() {
+            for (write, named) in &mut outcomes {
+                if named.is_ok() {
                     let _ = directory.remove(write.id);
-                    *written = Err(io::Error::new(e.kind(), e.to_string()));
+                    *named = Err(io::Error::new(e.kind(), e.to_string()));
                 }
             }
         }
