@@ -372,13 +372,19 @@ impl Client {
     /// Publishes `payload` on `topic` with the configured QoS. Returns as soon
     /// as the message is recorded: sent now if connected, after the reconnect
     /// otherwise, and sent again after every reconnect until acknowledged.
+    /// With an outbox directory ([`Options::outbox_dir`]) and QoS 1 or 2,
+    /// recorded means durably written there, so that it is sent even if this
+    /// process dies first; a `publish` cancelled while it waits for the disk
+    /// still stores and sends its message.
     ///
     /// # Errors
     ///
     /// [`ClientError::TooLarge`] for a message over `<P>_MQTT_MAX_PACKET_SIZE`,
     /// which the broker would refuse on every attempt, so it is never queued;
     /// [`ClientError::OutboxFull`] when `<P>_MQTT_OUTBOX_LIMIT` messages already wait
-    /// for the broker; [`ClientError::Closed`] once the client has shut down.
+    /// for the broker; [`ClientError::OutboxWrite`] when the outbox directory
+    /// cannot store it (not queued either); [`ClientError::Closed`] once the
+    /// client has shut down.
     pub async fn publish(
         &self,
         topic: impl Into<String>,
@@ -491,6 +497,8 @@ impl Client {
     /// Waits up to the connect timeout for unacknowledged messages, then sends
     /// DISCONNECT if connected and stops the background task. Returns how many
     /// messages were left unacknowledged.
+    /// With an outbox directory, those at QoS 1 and 2 stay there for the next
+    /// start, and the directory is released before this returns.
     pub async fn shutdown(&self) -> usize {
         let deadline = Instant::now() + self.inner.shutdown_timeout;
         let mut left = self.unacknowledged().await;
