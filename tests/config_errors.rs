@@ -116,6 +116,12 @@ fn every_configuration_error_is_one_clear_line() {
         case("missing client id", &["PROPLET_CLIENT_ID is not set: set it to the Magistrala client id"], |_, port, env| {
             env.plain(port).set("CLIENT_ID", "");
         }),
+        case("outbox directory that is a file", &["PROPLET_MQTT_OUTBOX_DIR=", "ca.crt: is not a directory: point it at a directory"], |pki, port, env| {
+            env.plain(port).path("MQTT_OUTBOX_DIR", &pki.path("ca.crt"));
+        }),
+        case("outbox directory that cannot be made", &["PROPLET_MQTT_OUTBOX_DIR=/proc/self/outbox: cannot create the directory"], |_, port, env| {
+            env.plain(port).set("MQTT_OUTBOX_DIR", "/proc/self/outbox");
+        }),
         case("bad server name", &["PROPLET_MQTT_TLS_SERVER_NAME=\"bad name!\" is not valid"], |pki, port, env| {
             env.tls(port, pki).set("MQTT_TLS_SERVER_NAME", "bad name!");
         }),

@@ -104,6 +104,29 @@ pub enum ConfigError {
         ca_var: String,
     },
 
+    /// The outbox directory cannot be used: not a directory, not writable.
+    #[error("{var}={path}: {problem}", path = path.display())]
+    OutboxDir {
+        /// The outbox directory variable.
+        var: String,
+        /// The directory as given.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        problem: String,
+        /// What the operating system said, if it said something.
+        #[source]
+        source: Option<std::io::Error>,
+    },
+
+    /// Another process holds the outbox directory's lock.
+    #[error("another process uses {path} ({var}): give each process its own directory", path = path.display())]
+    OutboxInUse {
+        /// The outbox directory variable.
+        var: String,
+        /// The directory.
+        path: PathBuf,
+    },
+
     /// rustls refused the assembled configuration.
     #[error("{var}: cannot build the TLS configuration")]
     Tls {
@@ -124,6 +147,8 @@ impl ConfigError {
             | ConfigError::InvalidSecret { var, .. }
             | ConfigError::Read { var, .. }
             | ConfigError::Material { var, .. }
+            | ConfigError::OutboxDir { var, .. }
+            | ConfigError::OutboxInUse { var, .. }
             | ConfigError::NoTrustAnchors { ca_var: var }
             | ConfigError::Tls { var, .. } => var,
             ConfigError::HalfClientIdentity { set, .. } => set,
@@ -148,6 +173,19 @@ pub enum ClientError {
         var: String,
         /// Its value.
         limit: usize,
+    },
+
+    /// The outbox directory could not store a message (a full disk, lost
+    /// permissions): it was not queued.
+    #[error("cannot store the message in the outbox directory {path} ({var}), so it was not queued: free space on its file system or fix its permissions", path = path.display())]
+    OutboxWrite {
+        /// The outbox directory variable.
+        var: String,
+        /// The directory.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
     },
 
     /// A message that could never be sent: over the packet size limit.

@@ -1,8 +1,9 @@
 //! An MQTT 3.1.1 client connection that stays up: plain MQTT, MQTTS and
 //! mutual TLS, configured in code or from `<PREFIX>_MQTT_*` variables, with
 //! reconnects, failover between brokers, an outbox that re-sends what the
-//! broker has not acknowledged, TLS files re-read on request, and a cause and
-//! a fix for every failure to connect.
+//! broker has not acknowledged (in memory, or in a directory so that it
+//! outlives the process: [`Options::with_outbox_dir`]), TLS files re-read on
+//! request, and a cause and a fix for every failure to connect.
 //!
 //! | mode | address | TLS settings |
 //! |---|---|---|

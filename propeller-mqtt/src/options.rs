@@ -356,6 +356,10 @@ pub struct Options {
     pub reconnect_max: Duration,
     /// The HTTP proxy every connection goes through; `None` connects directly.
     pub proxy: Option<HttpProxy>,
+    /// Where QoS 1/2 messages are kept until the broker acknowledges them,
+    /// so that they survive the process; `None` keeps them in memory only.
+    /// Created when missing, and locked: one process per directory.
+    pub outbox_dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -394,6 +398,7 @@ impl Options {
             reconnect_min: DEFAULT_RECONNECT_MIN,
             reconnect_max: DEFAULT_RECONNECT_MAX,
             proxy: None,
+            outbox_dir: None,
         })
     }
 
@@ -464,6 +469,14 @@ impl Options {
         self
     }
 
+    /// Keep QoS 1/2 messages in `dir` until the broker acknowledges them,
+    /// and send those a previous process left there after the first CONNACK
+    /// (see the README's "The outbox on disk").
+    pub fn with_outbox_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.outbox_dir = Some(dir.into());
+        self
+    }
+
     /// The name sent as SNI and verified in the broker's certificate for
     /// `broker`: `TlsSettings::server_name` when set, else the address host.
     pub fn tls_server_name(&self, broker: &BrokerAddress) -> String {
@@ -531,6 +544,17 @@ impl Options {
         }
         if self.outbox_limit == 0 {
             return Err(invalid("MQTT_OUTBOX_LIMIT", "0".to_owned(), OUTBOX_RANGE));
+        }
+        if self
+            .outbox_dir
+            .as_ref()
+            .is_some_and(|dir| dir.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "MQTT_OUTBOX_DIR",
+                String::new(),
+                "write the path of a directory, such as /var/lib/sensor/outbox",
+            ));
         }
         if self.connect_timeout.is_zero() {
             return Err(invalid(

@@ -42,7 +42,7 @@ pub mod diagnose {
 }
 
 use crate::{ClientError, ConfigError, Options, QoS};
-use outbox::Outbox;
+use outbox::{Outbox, Refused};
 use session::{publish_size, Requests};
 
 /// Inbound messages waiting for the service.
@@ -92,6 +92,32 @@ impl Delivery {
     /// [`ClientError::Closed`] if the client shut down first.
     pub async fn acknowledged(self) -> Result<(), ClientError> {
         self.0.await.map_err(|_| ClientError::Closed)
+    }
+}
+
+/// Says what the outbox directory held at start.
+fn log_loaded(
+    directory: &outbox::dir::Directory,
+    loaded: &outbox::dir::Loaded,
+    names: &crate::Names,
+) {
+    let dir = directory.path().display();
+    if !loaded.records.is_empty() {
+        info!(
+            count = loaded.records.len(),
+            dir = %dir,
+            "messages a previous process left unacknowledged: sending them after the first CONNACK"
+        );
+    }
+    if loaded.left > 0 {
+        warn!(
+            left = loaded.left,
+            loaded = loaded.records.len(),
+            dir = %dir,
+            limit_var = %names.var("MQTT_OUTBOX_LIMIT"),
+            "more unacknowledged messages on disk than the outbox limit: the oldest are loaded, the rest stay on disk \
+             (not deleted) until a start with room; raise the limit to send them now"
+        );
     }
 }
 
@@ -236,6 +262,7 @@ struct Inner {
     outbox_limit: usize,
     max_packet_var: String,
     max_packet: usize,
+    outbox_dir: Option<std::path::PathBuf>,
 }
 
 impl Client {
@@ -256,6 +283,24 @@ impl Client {
     ) -> Result<(Self, mpsc::Receiver<Message>), ConfigError> {
         config.validate()?;
         let tls = config.load_tls()?;
+        // Before anything is logged: a directory locked by another process
+        // is a configuration error, one line and exit 78 in the services.
+        let (outbox, directory) = match &config.outbox_dir {
+            None => (Outbox::new(config.outbox_limit), None),
+            Some(path) => {
+                let var = config.names.var("MQTT_OUTBOX_DIR");
+                let (directory, loaded) = outbox::dir::Directory::open(
+                    path,
+                    &var,
+                    config.outbox_limit,
+                    config.max_packet_size,
+                )?;
+                log_loaded(&directory, &loaded, &config.names);
+                let (handle, queue) = outbox::writer::channel();
+                let outbox = Outbox::on_disk(config.outbox_limit, handle, loaded);
+                (outbox, Some((directory, queue)))
+            }
+        };
         info!(
             mode = %config.mode(),
             broker = %config.brokers[0],
@@ -276,12 +321,18 @@ impl Client {
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Mutex::new(Shared::new(
-            state_tx,
-            Outbox::new(config.outbox_limit),
-            topics,
-            requests,
-        )));
+        let shared = Arc::new(Mutex::new(Shared::new(state_tx, outbox, topics, requests)));
+        if let Some((directory, queue)) = directory {
+            let (var, path) = (directory.var().to_owned(), directory.path().to_owned());
+            outbox::writer::spawn(directory, queue, Arc::downgrade(&shared)).map_err(|e| {
+                ConfigError::OutboxDir {
+                    var,
+                    path,
+                    problem: "cannot start the thread that writes it".to_owned(),
+                    source: Some(e),
+                }
+            })?;
+        }
         let driver = driver::Driver::new(driver::Parts {
             session,
             config: config.clone(),
@@ -303,6 +354,7 @@ impl Client {
             outbox_limit: config.outbox_limit,
             max_packet_var: config.names.var("MQTT_MAX_PACKET_SIZE"),
             max_packet: config.max_packet_size,
+            outbox_dir: config.outbox_dir.clone(),
         };
         Ok((
             Client {
@@ -320,13 +372,19 @@ impl Client {
     /// Publishes `payload` on `topic` with the configured QoS. Returns as soon
     /// as the message is recorded: sent now if connected, after the reconnect
     /// otherwise, and sent again after every reconnect until acknowledged.
+    /// With an outbox directory ([`Options::outbox_dir`]) and QoS 1 or 2,
+    /// recorded means durably written there, so that it is sent even if this
+    /// process dies first; a `publish` cancelled while it waits for the disk
+    /// still stores and sends its message.
     ///
     /// # Errors
     ///
     /// [`ClientError::TooLarge`] for a message over `<P>_MQTT_MAX_PACKET_SIZE`,
     /// which the broker would refuse on every attempt, so it is never queued;
     /// [`ClientError::OutboxFull`] when `<P>_MQTT_OUTBOX_LIMIT` messages already wait
-    /// for the broker; [`ClientError::Closed`] once the client has shut down.
+    /// for the broker; [`ClientError::OutboxWrite`] when the outbox directory
+    /// cannot store it (not queued either); [`ClientError::Closed`] once the
+    /// client has shut down.
     pub async fn publish(
         &self,
         topic: impl Into<String>,
@@ -345,18 +403,33 @@ impl Client {
                 limit: self.inner.max_packet,
             });
         }
-        let mut shared = lock(&self.inner.shared);
-        let (id, delivered) = shared
-            .outbox
-            .add(topic, payload, self.inner.qos)
-            .map_err(|_| ClientError::OutboxFull {
+        let qos = self.inner.qos;
+        let full = |refused| match refused {
+            Refused::Full => ClientError::OutboxFull {
                 var: self.inner.outbox_var.clone(),
                 limit: self.inner.outbox_limit,
-            })?;
-        if shared.connected() {
-            shared.send(id)?;
+            },
+            Refused::Closed => ClientError::Closed,
+        };
+        let written = {
+            let mut shared = lock(&self.inner.shared);
+            if !shared.outbox.stores(qos) {
+                let (id, delivered) = shared.outbox.add(topic, payload, qos).map_err(full)?;
+                if shared.connected() {
+                    shared.send(id)?;
+                }
+                return Ok(Delivery(delivered));
+            }
+            // Queued to the outbox directory's writer under the lock, so
+            // that messages reach it, and the broker, in publishing order.
+            shared.outbox.store(topic, payload, qos).map_err(full)?
+        };
+        // Cancelling this wait does not cancel the write: the message is
+        // then stored and sent all the same.
+        match written.await {
+            Ok(written) => written.map(Delivery),
+            Err(_) => Err(ClientError::Closed),
         }
-        Ok(Delivery(delivered))
     }
 
     /// Subscribes to `topic` now if connected, and after every reconnect.
@@ -424,6 +497,8 @@ impl Client {
     /// Waits up to the connect timeout for unacknowledged messages, then sends
     /// DISCONNECT if connected and stops the background task. Returns how many
     /// messages were left unacknowledged.
+    /// With an outbox directory, those at QoS 1 and 2 stay there for the next
+    /// start, and the directory is released before this returns.
     pub async fn shutdown(&self) -> usize {
         let deadline = Instant::now() + self.inner.shutdown_timeout;
         let mut left = self.unacknowledged().await;
@@ -432,10 +507,18 @@ impl Client {
             left = self.unacknowledged().await;
         }
         if left > 0 {
-            warn!(
-                left,
-                "shutting down with messages the broker has not acknowledged"
-            );
+            match &self.inner.outbox_dir {
+                Some(dir) => warn!(
+                    left,
+                    dir = %dir.display(),
+                    "shutting down with messages the broker has not acknowledged: \
+                     those at QoS 1 and 2 stay in the outbox directory and are sent after the next start"
+                ),
+                None => warn!(
+                    left,
+                    "shutting down with messages the broker has not acknowledged"
+                ),
+            }
         }
         let _ = self.inner.stop.send(true);
         lock(&self.inner.shared).requests.disconnect();
@@ -453,6 +536,12 @@ impl Client {
                 warn!("the broker did not take DISCONNECT in time; closing anyway");
                 driver.abort();
             }
+        }
+        // The outbox directory's lock is released before this returns, so
+        // that a client started next on the directory finds it free.
+        let closed = lock(&self.inner.shared).outbox.close();
+        if let Some(closed) = closed {
+            let _ = closed.await;
         }
         left
     }

@@ -598,3 +598,161 @@ async fn a_kubernetes_data_swap_is_picked_up_without_a_signal() {
     );
     shut_down(client, &mut conn).await;
 }
+
+/// An address where nothing listens: a client there never connects.
+fn nowhere() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!("tcp://{}", listener.local_addr().expect("address"))
+}
+
+/// Options for a client that stays offline, with its outbox in `dir`. It
+/// waits for acknowledgements at shutdown only as long as its short connect
+/// timeout.
+fn offline(dir: &std::path::Path) -> Options {
+    Options::new(&nowhere(), "tester", Secret::new("key"))
+        .expect("valid address")
+        .with_qos(QoS::AtLeastOnce)
+        .with_connect_timeout(std::time::Duration::from_millis(200))
+        .with_outbox_dir(dir)
+}
+
+/// The messages in the outbox directory.
+fn stored(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("the outbox directory")
+        .map(|entry| entry.expect("an entry").file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".msg"))
+        .collect();
+    names.sort();
+    names
+}
+
+async fn no_message_stored(dir: &std::path::Path) {
+    guard("the acknowledged messages' files removed", async {
+        while !stored(dir).is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// What a client published while the broker was away is on disk when
+/// `publish` returns, and stays there when the client stops. A client
+/// started later on the directory sends it after its first CONNACK, in
+/// order and before anything new, and removes each file on its PUBACK.
+#[tokio::test]
+async fn the_outbox_directory_outlives_the_client_that_wrote_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, _messages) = Client::start(&offline(dir.path()), vec![]).unwrap();
+    let deliveries = publish(&client, &["0", "1", "2"]).await;
+    assert_eq!(stored(dir.path()).len(), 3, "durable when publish returns");
+    assert_eq!(client.shutdown().await, 3);
+    drop(deliveries);
+    assert_eq!(stored(dir.path()).len(), 3);
+
+    let peer = Peer::plain().await;
+    let options = options(&[&peer]).with_outbox_dir(dir.path());
+    let (client, _messages) = Client::start(&options, vec![]).unwrap();
+    assert_eq!(client.unacknowledged().await, 3);
+    let mut state = client.state();
+    let mut conn = peer.accept_session().await;
+    let sent = conn.publishes(3).await;
+    assert_eq!(texts(&sent), ["0", "1", "2"]);
+    connected(&mut state).await;
+    let [new]: [Delivery; 1] = publish(&client, &["3"]).await.try_into().unwrap();
+    let next = conn.publish().await;
+    assert_eq!(text(&next), "3");
+    assert_eq!(stored(dir.path()).len(), 4);
+    conn.puback(sent.iter().chain([&next]).map(|p| p.pkid))
+        .await;
+    acknowledged(new).await;
+    no_message_stored(dir.path()).await;
+    shut_down(client, &mut conn).await;
+}
+
+/// QoS 0 promises nothing across a restart: such messages never touch the disk.
+#[tokio::test]
+async fn qos_0_messages_are_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let peer = Peer::plain().await;
+    let options = options(&[&peer])
+        .with_qos(QoS::AtMostOnce)
+        .with_outbox_dir(dir.path());
+    let (client, _messages) = Client::start(&options, vec![]).unwrap();
+    let mut state = client.state();
+    let mut conn = peer.accept_session().await;
+    connected(&mut state).await;
+    let [delivery]: [Delivery; 1] = publish(&client, &["x"]).await.try_into().unwrap();
+    assert_eq!(stored(dir.path()), Vec::<String>::new());
+    let sent = conn.publish().await;
+    assert_eq!((text(&sent).as_str(), sent.qos), ("x", QoS::AtMostOnce));
+    acknowledged(delivery).await;
+    shut_down(client, &mut conn).await;
+}
+
+/// Two clients on one directory would send each other's messages and delete
+/// each other's files: the second is refused at start, naming the setting
+/// and the directory, until the first has shut down.
+#[tokio::test]
+async fn a_second_client_on_the_directory_is_refused_until_the_first_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, _messages) = Client::start(&offline(dir.path()), vec![]).unwrap();
+    let refused = Client::start(&offline(dir.path()), vec![]).unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        format!(
+            "another process uses {} (MQTT_OUTBOX_DIR): give each process its own directory",
+            dir.path().display()
+        )
+    );
+    first.shutdown().await;
+    let (third, _messages) =
+        Client::start(&offline(dir.path()), vec![]).expect("the directory is free again");
+    third.shutdown().await;
+}
+
+/// Messages found on disk count toward the outbox limit: beyond it the
+/// oldest are loaded and the rest stay on disk, untouched.
+#[tokio::test]
+async fn messages_on_disk_count_toward_the_outbox_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (client, _messages) = Client::start(&offline(dir.path()), vec![]).unwrap();
+    drop(publish(&client, &["0", "1", "2", "3", "4"]).await);
+    client.shutdown().await;
+
+    let options = offline(dir.path()).with_outbox_limit(3);
+    let (client, _messages) = Client::start(&options, vec![]).unwrap();
+    assert_eq!(client.unacknowledged().await, 3);
+    let full = client.publish("out", "5").await.unwrap_err();
+    assert!(
+        matches!(full, crate::ClientError::OutboxFull { limit: 3, .. }),
+        "{full}"
+    );
+    client.shutdown().await;
+    assert_eq!(
+        stored(dir.path()).len(),
+        5,
+        "nothing deleted, nothing added"
+    );
+}
+
+/// A directory that stops taking files (here: removed under the client)
+/// makes `publish` fail with the setting and the directory named; the
+/// message is not queued, and takes no room in the outbox.
+#[tokio::test]
+async fn a_message_the_disk_refuses_is_an_error_not_a_silent_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = dir.path().join("outbox");
+    let (client, _messages) = Client::start(&offline(&outbox), vec![]).unwrap();
+    std::fs::remove_dir_all(&outbox).unwrap();
+    let refused = client.publish("out", "lost?").await.unwrap_err();
+    assert!(
+        crate::one_line(&refused).starts_with(&format!(
+            "cannot store the message in the outbox directory {} (MQTT_OUTBOX_DIR), so it was not queued",
+            outbox.display()
+        )),
+        "{refused}"
+    );
+    assert_eq!(client.unacknowledged().await, 0);
+    client.shutdown().await;
+}

@@ -135,6 +135,7 @@ pub const VARIABLES: &[&str] = &[
     "MQTT_KEEP_ALIVE",
     "MQTT_MAX_PACKET_SIZE",
     "MQTT_OUTBOX_LIMIT",
+    "MQTT_OUTBOX_DIR",
     "MQTT_PERSISTENT_SESSION",
     "MQTT_RECONNECT_MIN",
     "MQTT_RECONNECT_MAX",
@@ -164,6 +165,7 @@ struct RawEnv {
     mqtt_keep_alive: Option<String>,
     mqtt_max_packet_size: Option<String>,
     mqtt_outbox_limit: Option<String>,
+    mqtt_outbox_dir: Option<PathBuf>,
     mqtt_persistent_session: Option<String>,
     mqtt_reconnect_min: Option<String>,
     mqtt_reconnect_max: Option<String>,
@@ -352,6 +354,9 @@ impl Parser {
             proxy,
             reconnect_min,
             reconnect_max,
+            // Created, checked and locked by `Client::start`: this front end
+            // does no I/O.
+            outbox_dir: raw.mqtt_outbox_dir.clone(),
         };
         if reconnect_min > reconnect_max {
             let text = raw.mqtt_reconnect_max.as_deref().unwrap_or("60s");

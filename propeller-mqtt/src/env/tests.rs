@@ -48,6 +48,7 @@ fn defaults_follow_upstream() {
     assert!(persistent.persistent_session);
     assert_eq!(config.reconnect_min, Duration::from_secs(1));
     assert_eq!(config.reconnect_max, Duration::from_secs(60));
+    assert_eq!(config.outbox_dir, None);
     let tuned = parse(&[
         ("PROPLET_MQTT_RECONNECT_MIN", "2s"),
         ("PROPLET_MQTT_RECONNECT_MAX", "5m"),
@@ -486,4 +487,17 @@ fn the_proxy_is_parsed_and_its_credentials_never_shown() {
         );
         assert!(!message.contains("hunter2"), "{message}");
     }
+}
+
+#[test]
+fn the_outbox_directory_is_read_not_touched() {
+    let config = parse_env(&[("PROPLET_MQTT_OUTBOX_DIR", "/var/lib/proplet/outbox")]).unwrap();
+    assert_eq!(
+        config.options.outbox_dir.as_deref(),
+        Some(std::path::Path::new("/var/lib/proplet/outbox"))
+    );
+    assert!(config.unknown.is_empty(), "{:?}", config.unknown);
+    // Empty means unset, as for every variable.
+    let unset = parse(&[("PROPLET_MQTT_OUTBOX_DIR", " ")]).unwrap();
+    assert_eq!(unset.outbox_dir, None);
 }
