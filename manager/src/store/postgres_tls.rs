@@ -29,7 +29,6 @@ use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{
     AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore,
@@ -39,6 +38,7 @@ use sha2::Digest as _;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
 
+use propeller_mqtt::tls::danger::AcceptAnyServerCertificate;
 use propeller_mqtt::ConfigError;
 
 use super::config::{SslConfig, SslMode};
@@ -86,7 +86,7 @@ impl MakeRustls {
             SslMode::VerifyCa | SslMode::VerifyFull => true,
         };
         let (verifier, trust): (Arc<dyn ServerCertVerifier>, _) = match checks_chain {
-            false => (Arc::new(AnyCertificate(provider.clone())), None),
+            false => (Arc::new(AcceptAnyServerCertificate(provider.clone())), None),
             true => {
                 let (roots, trust) = roots(ssl)?;
                 let webpki =
@@ -382,57 +382,6 @@ where
 
     fn is_write_vectored(&self) -> bool {
         self.0.is_write_vectored()
-    }
-}
-
-/// Accepts any server certificate (`prefer`, and `require` without a CA,
-/// as libpq), but still checks the handshake's signatures, so that the
-/// session is bound to the certificate the server showed.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

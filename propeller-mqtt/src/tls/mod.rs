@@ -23,6 +23,12 @@ pub use identity::CertificateFacts;
 pub use identity::{client_certificate, days_until};
 pub use pem::KeyForm;
 
+/// Verifiers that weaken what TLS checks, for callers that must offer what
+/// libpq or an operator's "skip verify" setting means.
+pub mod danger {
+    pub use super::verify::SkipVerify as AcceptAnyServerCertificate;
+}
+
 use crate::{ConfigError, Names, Secret, TlsSettings, Warning};
 use identity::{ClientIdentity, PresentCertificate};
 use pem::PemFile;

@@ -58,10 +58,13 @@ impl ServerCertVerifier for VerifyAs {
     }
 }
 
-/// Accepts any broker certificate, but still checks the handshake signatures so
-/// the connection is at least bound to the certificate the broker showed.
+/// Accepts any server certificate, but still checks the handshake
+/// signatures with the provider's algorithms, so the connection is at least
+/// bound to the certificate the server showed. Dangerous: it is what
+/// `<P>_MQTT_TLS_INSECURE_SKIP_VERIFY` asks for, and what libpq's `require`
+/// without a root CA means.
 #[derive(Debug)]
-pub(crate) struct SkipVerify(pub Arc<CryptoProvider>);
+pub struct SkipVerify(pub Arc<CryptoProvider>);
 
 impl ServerCertVerifier for SkipVerify {
     fn verify_server_cert(
