@@ -12,23 +12,18 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use propeller_tests::http::{request, start_task};
-use propeller_tests::lab::Lab;
+use propeller_tests::http::{finished_task, request, start_task};
+use propeller_tests::lab::{Lab, MANAGER};
 use propeller_tests::managers::{add_task, pairs, proplet_listed, request_text, start_manager};
 use propeller_tests::postgres::{self, Postgres};
-use propeller_tests::{http::finished_task, servers_available};
 
-const MANAGER: usize = propeller_tests::lab::MANAGER;
 const PROPLET_ID: &str = "proplet-client";
 
 fn main() {
     let harness = "store-bench";
-    let Some(bin) = postgres::available(harness) else {
+    let Some(bin) = postgres::available_with_servers(harness) else {
         std::process::exit(1);
     };
-    if !servers_available(harness) {
-        std::process::exit(1);
-    }
     let pg = Postgres::start(&bin);
     let dir = tempfile::tempdir().unwrap();
     let sqlite = dir.path().join("bench.db").display().to_string();

@@ -181,12 +181,9 @@ fn sqlite_by_default_keeps_tasks_and_proplets_across_a_sigkill() {
 #[test]
 fn postgres_keeps_tasks_and_proplets_across_a_sigkill() {
     let test = "postgres_keeps_tasks_and_proplets_across_a_sigkill";
-    let Some(bin) = postgres::available(test) else {
+    let Some(bin) = postgres::available_with_servers(test) else {
         return;
     };
-    if !servers_available(test) {
-        return;
-    }
     let pg = Postgres::start(&bin);
     let lab = Lab::start();
     let dir = tempfile::tempdir().unwrap();
@@ -318,12 +315,9 @@ fn a_bad_store_file_stops_the_manager_with_one_line() {
 #[test]
 fn postgres_down_at_startup_and_later() {
     let test = "postgres_down_at_startup_and_later";
-    let Some(bin) = postgres::available(test) else {
+    let Some(bin) = postgres::available_with_servers(test) else {
         return;
     };
-    if !servers_available(test) {
-        return;
-    }
     let mut pg = Postgres::start(&bin);
     pg.stop();
     let lab = Lab::start();
@@ -591,12 +585,9 @@ fn a_result_sent_while_a_persistent_session_manager_is_down_completes_its_task()
 #[test]
 fn two_managers_on_one_postgres_one_active_one_standby() {
     let test = "two_managers_on_one_postgres_one_active_one_standby";
-    let Some(bin) = postgres::available(test) else {
+    let Some(bin) = postgres::available_with_servers(test) else {
         return;
     };
-    if !servers_available(test) {
-        return;
-    }
     let pg = Postgres::start(&bin);
     let lab = Lab::start();
     let dir = tempfile::tempdir().unwrap();
@@ -681,12 +672,9 @@ fn retrying_with(api: u16, words: &[&str], timeout: Duration, logs: impl Fn() ->
 #[test]
 fn postgres_over_tls_verify_full_keeps_tasks_and_names_an_untrusted_ca() {
     let test = "postgres_over_tls_verify_full_keeps_tasks_and_names_an_untrusted_ca";
-    let Some(bin) = postgres::available(test) else {
+    let Some(bin) = postgres::available_with_servers(test) else {
         return;
     };
-    if !servers_available(test) {
-        return;
-    }
     let pki = Pki::shared();
     let pg = Postgres::start(&bin);
     pg.enable_ssl(pki);
@@ -757,12 +745,9 @@ fn postgres_over_tls_verify_full_keeps_tasks_and_names_an_untrusted_ca() {
 #[test]
 fn postgres_tls_refusals_say_what_to_fix() {
     let test = "postgres_tls_refusals_say_what_to_fix";
-    let Some(bin) = postgres::available(test) else {
+    let Some(bin) = postgres::available_with_servers(test) else {
         return;
     };
-    if !servers_available(test) {
-        return;
-    }
     let pg = Postgres::start(&bin);
     let lab = Lab::start();
     let dir = tempfile::tempdir().unwrap();

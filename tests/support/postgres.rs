@@ -28,6 +28,14 @@ pub const INSTALL: &str = "apt-get install -y postgresql";
 pub const USER: &str = "propeller";
 pub const DATABASE: &str = "propeller";
 
+/// For a test that runs the services against PostgreSQL: the binaries'
+/// directory when PostgreSQL and the servers of [`crate::servers_available`]
+/// are installed, or `None` after saying why the test is skipped.
+pub fn available_with_servers(test: &str) -> Option<PathBuf> {
+    let bin = available(test)?;
+    crate::servers_available(test).then_some(bin)
+}
+
 /// The directory of Debian's PostgreSQL binaries (the newest version
 /// installed), or `None` after saying why the test is skipped; under CI a
 /// missing server is a failure.
