@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 /// A configuration that works now but is likely to fail, or is unsafe.
 ///
-/// Like [`Error`](crate::Error), messages name variables and paths, never secret
+/// Like [`ConfigError`](crate::ConfigError), messages name variables and paths, never secret
 /// values or the client certificate's CN.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -515,12 +515,9 @@ impl Material {
             return;
         };
         let days = (facts.not_after - tls::unix_now()).div_euclid(86_400);
-        let Some(step) = EXPIRY_WARNINGS.into_iter().find(|step| days < *step) else {
+        let Some(step) = expiry_warning_due(days, self.expiry_warned) else {
             return;
         };
-        if self.expiry_warned.is_some_and(|warned| warned <= step) {
-            return;
-        }
         self.expiry_warned = Some(step);
         warn!(
             days_left = days,
@@ -592,5 +589,39 @@ async fn next_command(commands: &mut Option<mpsc::UnboundedReceiver<Command>>) -
     match commands {
         Some(commands) => commands.recv().await,
         None => std::future::pending().await,
+    }
+}
+
+/// The step of [`EXPIRY_WARNINGS`] to warn about with `days` whole days
+/// left, unless `warned` (the last step warned about) already covers it.
+fn expiry_warning_due(days: i64, warned: Option<i64>) -> Option<i64> {
+    let step = EXPIRY_WARNINGS.into_iter().find(|step| days < *step)?;
+    match warned {
+        Some(warned) if warned <= step => None,
+        _ => Some(step),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expiry_warning_due;
+
+    /// Once at 30 days, again at 7 and at 1, never twice for one step, and
+    /// not at all with more than 30 days left.
+    #[test]
+    fn expiry_warnings_repeat_at_30_7_and_1_days() {
+        let mut warned = None;
+        let mut warnings = Vec::new();
+        for days in (-2..=40).rev() {
+            if let Some(step) = expiry_warning_due(days, warned) {
+                warnings.push((days, step));
+                warned = Some(step);
+            }
+        }
+        assert_eq!(warnings, [(29, 30), (6, 7), (0, 1)]);
+        // A service started 3 days before expiry warns at once, then at 1.
+        assert_eq!(expiry_warning_due(3, None), Some(7));
+        assert_eq!(expiry_warning_due(3, Some(7)), None);
+        assert_eq!(expiry_warning_due(0, Some(7)), Some(1));
     }
 }

@@ -113,7 +113,7 @@ impl Settings {
 }
 
 /// Every variable the front end reads, after the prefix. Only these reach envy
-/// (which denies unknown fields, so this list and [`RawEnv`] cannot drift);
+/// (which denies unknown fields, so this list and `RawEnv` cannot drift);
 /// any other `<P>_*` variable that the caller does not declare is reported
 /// as unknown, which catches typos.
 pub const VARIABLES: &[&str] = &[
