@@ -98,6 +98,20 @@ pub struct SslConfig {
     pub prefix: String,
 }
 
+#[cfg(test)]
+impl SslConfig {
+    /// `mode` with no files, for host `db`: the unit tests' starting point.
+    pub fn for_tests(mode: SslMode) -> Self {
+        SslConfig {
+            mode,
+            root_cert: None,
+            client: None,
+            host: "MANAGER_POSTGRES_HOST=db".to_owned(),
+            prefix: "MANAGER_POSTGRES_".to_owned(),
+        }
+    }
+}
+
 impl std::fmt::Debug for PostgresConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresConfig")

@@ -441,13 +441,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn ssl(mode: SslMode) -> SslConfig {
-        SslConfig {
-            mode,
-            root_cert: None,
-            client: None,
-            host: "MANAGER_POSTGRES_HOST=db".to_owned(),
-            prefix: "MANAGER_POSTGRES_".to_owned(),
-        }
+        SslConfig::for_tests(mode)
     }
 
     fn file(var: &str, path: &str) -> NamedFile {
