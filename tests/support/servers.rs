@@ -81,13 +81,51 @@ impl Mosquitto {
             ));
         }
         std::fs::write(dir.path().join("acl"), acl).unwrap();
-        let [plain, tls, mtls] = free_ports();
+        // The ports were free when picked; a parallel test may take one
+        // before mosquitto binds it. Then pick again (a bounded number of
+        // times), rather than fail a test over a race of the test harness.
+        let mut attempts = 0;
+        let (child, [plain, tls, mtls]) = loop {
+            attempts += 1;
+            let ports = free_ports();
+            let config = Self::config(pki, &dir, &options, ports);
+            std::fs::write(dir.path().join("mosquitto.conf"), config).unwrap();
+            let mut child = spawn_mosquitto(dir.path());
+            let log = dir.path().join("mosquitto.log");
+            match try_wait_ports(&mut child, &ports, &log, "mosquitto") {
+                Ok(()) => break (child, ports),
+                Err(why) if attempts < 5 && why.contains("Address already in use") => {
+                    eprintln!("mosquitto lost a port race, picking new ports: {why}");
+                }
+                Err(why) => panic!("{why}"),
+            }
+        };
+        Mosquitto {
+            plain,
+            tls,
+            mtls,
+            child,
+            dir,
+        }
+    }
+
+    /// mosquitto.conf for [`Mosquitto::start_with`] on `[plain, tls, mtls]`.
+    fn config(
+        pki: &Pki,
+        dir: &tempfile::TempDir,
+        options: &BrokerOptions,
+        [plain, tls, mtls]: [u16; 3],
+    ) -> String {
+        let passwd = dir.path().join("passwd");
         let auth = format!(
             "allow_anonymous false\npassword_file {}\nacl_file {}\n",
             passwd.display(),
             dir.path().join("acl").display()
         );
-        let client_ca = options.client_ca.unwrap_or_else(|| pki.path("ca.crt"));
+        let client_ca = options
+            .client_ca
+            .clone()
+            .unwrap_or_else(|| pki.path("ca.crt"));
         let certs = format!(
             "cafile {}\ncertfile {}\nkeyfile {}\n",
             client_ca.display(),
@@ -103,24 +141,12 @@ impl Mosquitto {
         };
         // Unlimited queues: the default 1000 would drop messages for a
         // persistent subscriber that reconnects after the publisher.
-        let config = format!(
+        format!(
             "per_listener_settings true\n{persistence}max_queued_messages 0\nuser root\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
              listener {plain} 127.0.0.1\n{auth}\n\
              listener {tls} 127.0.0.1\n{certs}{auth}\n\
              listener {mtls} 127.0.0.1\n{certs}require_certificate true\n{auth}\n"
-        );
-        let config_path = dir.path().join("mosquitto.conf");
-        std::fs::write(&config_path, config).unwrap();
-        let child = spawn_mosquitto(dir.path());
-        let mut broker = Mosquitto {
-            plain,
-            tls,
-            mtls,
-            child,
-            dir,
-        };
-        broker.wait_listening(&[plain, tls, mtls]);
-        broker
+        )
     }
 
     /// mosquitto with one plain listener and the dynamic-security plugin, knowing
@@ -361,7 +387,15 @@ pub fn free_ports<const N: usize>() -> [u16; N] {
 /// Waits (at most 10 s) until every port accepts, and checks that the
 /// server listens on each; or fails with the server's log.
 pub(crate) fn wait_ports(child: &mut Child, ports: &[u16], log: &Path, what: &str) {
+    if let Err(why) = try_wait_ports(child, ports, log, what) {
+        panic!("{why}");
+    }
+}
+
+/// [`wait_ports`], returning why it failed (the server killed) instead.
+fn try_wait_ports(child: &mut Child, ports: &[u16], log: &Path, what: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let log_text = || std::fs::read_to_string(log).unwrap_or_default();
     for &port in ports {
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         loop {
@@ -371,22 +405,25 @@ pub(crate) fn wait_ports(child: &mut Child, ports: &[u16], log: &Path, what: &st
             let exited = child.try_wait().ok().flatten();
             if exited.is_some() || Instant::now() > deadline {
                 let _ = child.kill();
-                panic!(
+                let _ = child.wait();
+                return Err(format!(
                     "{what} did not listen on {port} ({exited:?}); its log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
+                    log_text()
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
     if let Err(why) = listens_on(child.id(), ports) {
         let _ = child.kill();
-        panic!(
+        let _ = child.wait();
+        return Err(format!(
             "{what} (pid {}): {why}; its log:\n{}",
             child.id(),
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
+            log_text()
+        ));
     }
+    Ok(())
 }
 
 /// Checks that every socket listening on loopback at each of `ports`
