@@ -727,6 +727,26 @@ mod tests {
         assert_eq!(network_options(&short).connection_timeout(), 1);
     }
 
+    /// Our patch (`vendor/rumqttc/no-panic-on-foreign-request.patch`): a
+    /// request kind a client never queues is an error, not a panic.
+    #[test]
+    fn a_request_only_a_broker_sends_is_refused_not_a_panic() {
+        let mut state = rumqttc::MqttState::new(10, false);
+        let refused = state.handle_outgoing_packet(Request::PubComp(rumqttc::PubComp::new(1)));
+        assert!(
+            matches!(refused, Err(StateError::InvalidState)),
+            "{refused:?}"
+        );
+        let mut state = rumqttc::v5::MqttState::new(10, false);
+        let refused = state.handle_outgoing_packet(rumqttc::v5::Request::PubComp(
+            rumqttc::v5::mqttbytes::v5::PubComp::new(1, None),
+        ));
+        assert!(
+            matches!(refused, Err(rumqttc::v5::StateError::InvalidState)),
+            "{refused:?}"
+        );
+    }
+
     /// Our size check agrees with the one rumqttc applies when writing, at
     /// every boundary of the remaining-length encoding.
     #[test]

@@ -188,7 +188,10 @@ impl MqttState {
             }
             Request::PubAck(puback) => self.outgoing_puback(puback)?,
             Request::PubRec(pubrec) => self.outgoing_pubrec(pubrec)?,
-            _ => unimplemented!(),
+            // Acknowledgements of ours (PubComp) and packets only a broker
+            // sends (ConnAck, SubAck, UnsubAck, PingResp) are not requests
+            // a client queues: refuse them instead of panicking.
+            _ => return Err(StateError::InvalidState),
         };
 
         self.last_outgoing = Instant::now();
