@@ -186,7 +186,8 @@ impl Driver {
             }
             let detail = error.to_string();
             let failure = error.into_failure(false, self.config.mode());
-            let failure = diagnose(
+            // A closer look at a TLS connection closed before CONNACK.
+            let failure = probe::diagnose(
                 failure,
                 &self.config,
                 self.current,
@@ -566,17 +567,6 @@ impl Material {
             }
         }
     }
-}
-
-/// Looks closer at a TLS connection closed before CONNACK (see [`probe`]).
-/// Takes fields, not the driver: the driver is not `Sync`.
-async fn diagnose(
-    failure: Failure,
-    config: &Options,
-    broker: usize,
-    tls: Option<&TlsSetup>,
-) -> Failure {
-    probe::diagnose(failure, config, broker, tls).await
 }
 
 async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
